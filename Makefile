@@ -1,0 +1,44 @@
+# PLD flywheel. `make flywheel` runs the main job, `make test` the tests; both set up first.
+SHELL := /bin/bash
+PY312 ?= $(shell command -v python3.12 2>/dev/null || echo $$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12)
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PKGS := libosmesa6 libegl1 libegl-mesa0 libgl1-mesa-dri
+export MUJOCO_GL ?= egl
+export PYOPENGL_PLATFORM ?= egl
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := disabled
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup apt flywheel test bench clean
+
+setup: apt $(VENV)/.installed
+
+# Headless MuJoCo rendering (images mode) needs Mesa's EGL/OSMesa; installed only when missing.
+apt:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x "$(PY312)" || { echo "Python 3.12 not found (LeRobot 0.6 needs it): set PY312=/path/to/python3.12"; exit 2; }
+	@test -x $(PY) || $(PY312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+flywheel: setup
+	$(VENV)/bin/pld flywheel
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider --timeout 1500
+
+bench: setup
+	$(VENV)/bin/pld bench all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,171 @@
+"""`pld`: the command line of the PLD flywheel.
+
+Every user-caused error (a PLDError) is printed as one line ``error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pld_core.errors import PLDError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_tasks(text: str, suite: str) -> list[int]:
+    from pld_core.env import check_task, n_tasks
+
+    if text == "all":
+        return list(range(n_tasks(suite)))
+    try:
+        tasks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise PLDError(f"--tasks '{text}' is not a comma-separated list of task indices. Fix: e.g. --tasks 0,5 or --tasks all") from None
+    if not tasks:
+        raise PLDError("--tasks is empty. Fix: e.g. --tasks 0,5")
+    for t in tasks:
+        check_task(suite, t)
+    return tasks
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    from pld_core.demos import record_demos
+
+    summary = record_demos(
+        out=Path(args.out), suite=args.suite, tasks=parse_tasks(args.tasks, args.suite), episodes=args.episodes,
+        mode=args.mode, image_size=args.image_size, max_objects=args.max_objects, noise=args.noise, seed=args.seed,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pld_core.evaluation import evaluate, format_report
+    from pld_core.policies import make_policy_factory, validate_policy_spec
+
+    validate_policy_spec(args.policy)
+    tasks = parse_tasks(args.tasks, args.suite)
+    if args.episodes <= 0:
+        raise PLDError(f"--episodes must be positive, got {args.episodes}")
+    factory = make_policy_factory(args.policy, mode=args.mode, device=args.device, seed=args.seed)
+    report = evaluate(factory, args.suite, tasks, args.episodes, mode=args.mode, max_objects=args.max_objects,
+                      image_size=args.image_size, seed=args.seed, show_progress=not args.json)
+    report["policy"] = args.policy
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps({"tasks": {k: {kk: v[kk] for kk in ("success_rate", "ci95", "episodes")} for k, v in report["tasks"].items()}, "mean": report["mean"]}))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_store(args) -> int:
+    from pld_core.store import TrajectoryStore
+
+    store = TrajectoryStore.open(args.path)
+    store.load()  # validate every step
+    print(json.dumps(store.summary(), indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.bench == "expert":
+        from pld_core.evaluation import evaluate, format_report
+        from pld_core.policies import make_policy_factory
+
+        tasks = parse_tasks(args.tasks, args.suite)
+        report = evaluate(make_policy_factory("scripted"), args.suite, tasks, args.episodes)
+        report["policy"] = "scripted"
+        report["machine"] = f"{os.cpu_count()} cores"
+        out = Path(args.out or f"bench/results/scripted-{args.suite}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(format_report(report))
+        print(json.dumps({"mean": report["mean"], "min_task": min(v["success_rate"] for v in report["tasks"].values()), "seconds": report["seconds"]}))
+        return 0
+    if args.bench == "specialist":
+        from pld_core.config import load_params, parse_overrides
+        from tasks.train_residual import bench_specialist
+
+        params = load_params(args.params, args.profile, parse_overrides(args.set or []))
+        out = Path(args.out or f"bench/results/specialist-{args.suite}-{args.task}" + ("" if args.ablation == "none" else f"-{args.ablation}"))
+        result = bench_specialist(params, args.suite, args.task, args.ablation, out)
+        print(json.dumps(result))
+        return 0
+    raise PLDError(f"unknown benchmark '{args.bench}'")
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pld", description="PLD flywheel: Probe, Learn, Distill on LIBERO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def env_args(sp, tasks_default="0"):
+        sp.add_argument("--suite", default="libero_object")
+        sp.add_argument("--tasks", default=tasks_default, help="comma-separated task indices, or 'all'")
+        sp.add_argument("--mode", default="state", choices=["state", "images"])
+        sp.add_argument("--image-size", type=int, default=128)
+        sp.add_argument("--max-objects", type=int, default=3)
+        sp.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("demo", help="record scripted demonstrations into a trajectory store (resumable)")
+    env_args(d)
+    d.add_argument("--episodes", type=int, default=10, help="successful episodes per task")
+    d.add_argument("--noise", type=float, default=0.0)
+    d.add_argument("--out", required=True, help="store path, e.g. data/demos.zarr")
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="success rate per task on fixed initial states, with 95%% Wilson intervals")
+    env_args(e)
+    e.add_argument("--policy", required=True, help="'scripted', 'scripted:noise=X', a LeRobot checkpoint dir or a hub id")
+    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--out", help="also write the full report here")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("store", help="validate a trajectory store and print its summary")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_store)
+
+    b = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
+    b.add_argument("bench", choices=["expert", "specialist"])
+    b.add_argument("--suite", default="libero_object")
+    b.add_argument("--tasks", default="all")
+    b.add_argument("--task", type=int, default=0)
+    b.add_argument("--episodes", type=int, default=50)
+    b.add_argument("--ablation", default="none", choices=["none", "no_base", "no_offline", "no_calql", "no_probe"])
+    b.add_argument("--params", default="params.yaml")
+    b.add_argument("--profile", default=None)
+    b.add_argument("--set", action="append", help="override a param: --set residual.env_steps=50000")
+    b.add_argument("--out")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except PLDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return PLDError.EXIT_CODE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    sys.exit(main())

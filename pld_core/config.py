@@ -1,0 +1,225 @@
+"""``params.yaml``: the single source of every knob, validated into typed sections.
+
+The top-level sections are the ``default`` profile. ``profiles.<name>`` holds overrides that are
+deep-merged on top (``smoke``: one task, tiny budgets; ``pi05-libero``: the GPU user's pi0.5 run).
+Every error names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pld_core.errors import PLDError
+from pld_core.sac import SACConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class EnvParams(Section):
+    suite: str = "libero_object"
+    tasks: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    mode: Literal["state", "images"] = "state"
+    image_size: int = Field(128, gt=0)
+    max_objects: int = Field(3, ge=1)
+
+
+class DemoParams(Section):
+    episodes_per_task: int = Field(20, gt=0)
+    noise: float = Field(0.0, ge=0.0)
+    seed: int = Field(0, ge=0)
+
+
+class BaseParams(Section):
+    """Base v0: a checkpoint/hub id to start from, or a LeRobot policy config trained on demos."""
+
+    path: str | None = None
+    policy: dict[str, Any] = Field(default_factory=lambda: {"type": "act"})
+    steps: int = Field(2000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float | None = Field(None, gt=0)
+
+
+class OfflineParams(Section):
+    successes: int = Field(20, gt=0)
+    max_episodes: int = Field(200, gt=0)
+
+
+class CalQLParams(Section):
+    steps: int = Field(2000, ge=0)
+    cql_alpha: float = Field(5.0, ge=0)
+    n_actions: int = Field(10, gt=0)
+
+
+class SACParams(Section):
+    batch_size: int = Field(256, gt=0)
+    gamma: float = Field(0.99, gt=0, le=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    tau: float = Field(0.005, gt=0, le=1)
+    critic_actor_ratio: int = Field(2, ge=1)
+    init_temperature: float = Field(1.0, gt=0)
+    target_entropy: float | None = None
+    xi: float = Field(0.5, ge=0, le=1)
+    hidden: int = Field(256, gt=0)
+    layers: int = Field(3, ge=1)
+    n_q: int = Field(2, ge=2)
+    critic_dropout: float = Field(0.0, ge=0, lt=1)
+    otf_samples: int = Field(1, ge=1)
+    reward_bias: float = 0.0
+
+    def to_sac_config(self, use_base: bool = True) -> SACConfig:
+        return SACConfig(**self.model_dump(), use_base=use_base)
+
+
+class ResidualParams(Section):
+    env_steps: int = Field(20000, gt=0)
+    replay_capacity: int = Field(250_000, gt=0)
+    warmup_episodes: int = Field(10, ge=0)
+    probe_max_fraction: float = Field(0.3, ge=0, le=1)
+    xi_start: float = Field(0.1, ge=0, le=1)
+    xi_warmup_steps: int = Field(5000, ge=0)
+    updates_per_step: int = Field(1, ge=1)
+    learning_starts: int = Field(1000, ge=0)
+    checkpoint_every: int = Field(5000, gt=0)
+    eval_every: int = Field(5000, gt=0)
+    eval_episodes: int = Field(20, gt=0)
+    ablation: Literal["none", "no_base", "no_offline", "no_calql", "no_probe"] = "none"
+    seed: int = Field(0, ge=0)
+
+
+class CollectParams(Section):
+    episodes_per_task: int = Field(50, gt=0)
+    max_episodes: int = Field(200, gt=0)
+    alpha: float = Field(0.6, ge=0, le=1)
+
+
+class SFTParams(Section):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float | None = Field(None, gt=0)
+    lora: dict[str, Any] | None = None
+    include_base_data: bool = True
+
+
+class EvalParams(Section):
+    episodes: int = Field(50, gt=0)
+
+
+class FlywheelParams(Section):
+    iterations: int = Field(1, gt=0)
+    data_dir: str = "data"
+    task_runner: Literal["threads", "dask", "ray", "sequential"] = "sequential"
+    max_workers: int = Field(1, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+class MLflowParams(Section):
+    tracking_uri: str = "sqlite:///data/mlflow.db"
+    artifact_dir: str = "data/mlartifacts"
+    experiment: str = "pld-flywheel"
+    model_name: str = "pld-base"
+
+
+class HubParams(Section):
+    push: bool = False
+    dataset_repo: str | None = None
+    model_repo: str | None = None
+
+
+class Params(Section):
+    profile: str = "default"
+    device: str = "cpu"
+    env: EnvParams = EnvParams()
+    demo: DemoParams = DemoParams()
+    base: BaseParams = BaseParams()
+    offline: OfflineParams = OfflineParams()
+    calql: CalQLParams = CalQLParams()
+    sac: SACParams = SACParams()
+    residual: ResidualParams = ResidualParams()
+    collect: CollectParams = CollectParams()
+    sft: SFTParams = SFTParams()
+    evaluate: EvalParams = EvalParams()
+    flywheel: FlywheelParams = FlywheelParams()
+    mlflow: MLflowParams = MLflowParams()
+    hub: HubParams = HubParams()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.env.tasks)) != len(self.env.tasks):
+            raise ValueError("env.tasks has duplicates")
+        if any(t < 0 for t in self.env.tasks):
+            raise ValueError("env.tasks must be non-negative task indices")
+        return self
+
+    def section_dict(self, name: str) -> dict:
+        return getattr(self, name).model_dump()
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "policy":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", profile: str | None = None, overrides: dict | None = None) -> Params:
+    """Read ``params.yaml``, apply ``profiles.<profile>`` and ``overrides``, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise PLDError(f"{path}: params file not found. Fix: run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PLDError(f"{path}: not valid YAML ({e}). Fix: correct the syntax") from None
+    if not isinstance(raw, dict):
+        raise PLDError(f"{path}: top level must be a mapping of sections. Fix: see the README's params section")
+    profiles = raw.pop("profiles", {}) or {}
+    profile = profile or raw.get("profile", "default")
+    if profile != "default":
+        if profile not in profiles:
+            raise PLDError(f"{path}: profile '{profile}' not found under 'profiles'. Fix: use one of {['default', *profiles]}")
+        raw = _deep_merge(raw, profiles[profile])
+    raw["profile"] = profile
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    return validate_params(raw, source=str(path))
+
+
+def validate_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            fix = f"remove or rename the unknown key '{key}'"
+        else:
+            fix = f"set '{key}' to a valid value ({err['msg']})"
+        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+        raise PLDError(f"{source}: key '{key}' is invalid: {err['msg']} (got {err.get('input')!r}){more}. Fix: {fix}") from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["sac.batch_size=64", "env.tasks=[0,1]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise PLDError(f"override '{item}' is not KEY=VALUE. Fix: write e.g. --set sac.batch_size=64")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out

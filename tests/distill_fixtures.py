@@ -1,0 +1,60 @@
+"""Builders for the Distill tests: tiny synthetic trajectory stores, datasets and checkpoints.
+
+Kept out of conftest.py so that they do not collide with the project's shared fixtures; the
+test module imports them explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pld_core.store import Episode, TrajectoryStore, mc_returns
+
+ENV_DIM = 6
+IMG_HW = (16, 16)
+TASKS = ["pick up the alphabet soup and place it in the basket", "pick up the cream cheese and place it in the basket"]
+
+# A tiny ACT on state only: ~0.1M parameters, trains at several steps per second on one core.
+TINY_ACT = {
+    "type": "act", "dim_model": 32, "n_heads": 2, "dim_feedforward": 64, "n_encoder_layers": 1,
+    "n_decoder_layers": 1, "latent_dim": 8, "chunk_size": 5, "n_action_steps": 5, "use_vae": True,
+}
+
+
+def make_store(path: Path, n_episodes: int = 3, length: int = 12, images: bool = False, seed: int = 0,
+               failed_episode: bool = True, env_dim: int = ENV_DIM) -> Path:
+    """A store with ``n_episodes`` successful episodes (+ one failed one), tasks alternating."""
+    rng = np.random.default_rng(seed)
+    shapes = {"obs_state": (8,), "obs_env_state": (env_dim,)}
+    if images:
+        shapes |= {"obs_image": (*IMG_HW, 3), "obs_wrist_image": (*IMG_HW, 3)}
+    store = TrajectoryStore.create(path, obs_shapes=shapes, suite="libero_object", task_names=TASKS)
+    eps = []
+    for i in range(n_episodes + int(failed_episode)):
+        success = i < n_episodes
+        t = length
+        reward = np.zeros(t, np.float32)
+        if success:
+            reward[-1] = 1.0
+        base = rng.uniform(-0.9, 0.9, (t, 7)).astype(np.float32)
+        label = np.clip(base + rng.normal(0, 0.05, (t, 7)), -1, 1).astype(np.float32)
+        steps = {
+            "obs_state": rng.normal(0, 1, (t, 8)).astype(np.float32),
+            "obs_env_state": rng.normal(0, 1, (t, env_dim)).astype(np.float32),
+            "base_action": base,
+            "action": label,
+            "label_action": label,
+            "next_base_action": np.roll(base, -1, axis=0),
+            "reward": reward,
+            "done": reward > 0,
+            "mc_return": mc_returns(reward, 0.99),
+        }
+        if images:
+            steps["obs_image"] = rng.integers(0, 256, (t, *IMG_HW, 3), dtype=np.uint8)
+            steps["obs_wrist_image"] = rng.integers(0, 256, (t, *IMG_HW, 3), dtype=np.uint8)
+        eps.append(Episode(steps=steps, task_index=i % len(TASKS), init_state=i, seed=seed * 100 + i,
+                           success=success, t_base=t // 2))
+    store.append(eps)
+    return path

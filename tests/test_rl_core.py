@@ -1,0 +1,427 @@
+"""Unit tests of the RL core: networks, replay, residual SAC and Cal-QL equations."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, TransformedDistribution
+from torch.distributions.transforms import TanhTransform
+
+from pld_core.calql import CalQLConfig, calql_critic_loss, calql_pretrain
+from pld_core.errors import PLDError
+from pld_core.networks import DoubleQ, ResidualActor, combine, mlp
+from pld_core.replay import ReplayBuffer, mc_returns, sample_mixed, to_torch
+from pld_core.sac import ResidualSAC, SACConfig
+
+torch.set_num_threads(1)
+
+SMALL = dict(hidden=32, layers=2)
+
+
+def small_sac(obs_dim=4, act_dim=3, **overrides) -> ResidualSAC:
+    cfg = SACConfig(**{**SMALL, "batch_size": 16, **overrides})
+    return ResidualSAC(obs_dim, act_dim, cfg)
+
+
+def random_batch(B=8, obs_dim=4, act_dim=3, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "obs": torch.randn(B, obs_dim, generator=g),
+        "base_action": torch.rand(B, act_dim, generator=g) * 2 - 1,
+        "action": torch.rand(B, act_dim, generator=g) * 2 - 1,
+        "reward": (torch.rand(B, generator=g) > 0.5).float(),
+        "done": (torch.rand(B, generator=g) > 0.5).float(),
+        "next_obs": torch.randn(B, obs_dim, generator=g),
+        "next_base_action": torch.rand(B, act_dim, generator=g) * 2 - 1,
+        "mc_return": torch.rand(B, generator=g),
+    }
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+def test_mlp_shapes_and_layernorm():
+    net = mlp(5, 2, hidden=8, layers=3)
+    assert net(torch.randn(4, 5)).shape == (4, 2)
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in net) == 3
+    assert DoubleQ(5, 2, hidden=8, layers=2, n_heads=3)(torch.randn(4, 5), torch.randn(4, 2)).shape == (3, 4)
+
+
+def test_tanh_log_prob_matches_transformed_distribution():
+    torch.manual_seed(0)
+    actor = ResidualActor(6, 3, hidden=16, layers=2).double()
+    for head in (actor.mean_head, actor.log_std_head):  # leave the zero init: mean and std vary
+        torch.nn.init.normal_(head.weight, std=0.5)
+    obs, base = torch.randn(256, 6, dtype=torch.float64), torch.rand(256, 3, dtype=torch.float64)
+    delta, log_prob, _ = actor.sample(obs, base)
+    mean, log_std = actor(obs, base)
+    reference = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform()])
+    expected = reference.log_prob(delta).sum(-1)
+    # Away from saturation, where the 1e-6 guard in log(1 - tanh^2 + 1e-6) is negligible.
+    unsaturated = (1 - delta.pow(2) > 1e-2).all(-1)
+    assert unsaturated.sum() > 128
+    assert torch.allclose(log_prob[unsaturated], expected[unsaturated], atol=1e-3)
+    uncorrected = Normal(mean, log_std.exp()).log_prob(torch.atanh(delta)).sum(-1)
+    assert not torch.allclose(log_prob[unsaturated], uncorrected[unsaturated], atol=1e-1)
+
+
+def test_tanh_log_prob_matches_finite_difference_density():
+    """1-D: log p(delta) against (CDF(atanh(d+h)) - CDF(atanh(d-h))) / 2h in plain math."""
+    torch.manual_seed(1)
+    actor = ResidualActor(2, 1, hidden=8, layers=1).double()
+    torch.nn.init.normal_(actor.mean_head.weight, std=1.0)
+    obs, base = torch.randn(64, 2, dtype=torch.float64), torch.zeros(64, 1, dtype=torch.float64)
+    delta, log_prob, _ = actor.sample(obs, base)
+    mean, log_std = actor(obs, base)
+
+    def cdf(x, m, s):
+        return 0.5 * (1.0 + math.erf((x - m) / (s * math.sqrt(2.0))))
+
+    h = 1e-5
+    for i in range(64):
+        d, m, s = delta[i, 0].item(), mean[i, 0].item(), math.exp(log_std[i, 0].item())
+        if abs(d) > 0.99:
+            continue
+        p = (cdf(math.atanh(d + h), m, s) - cdf(math.atanh(d - h), m, s)) / (2 * h)
+        assert math.log(p) == pytest.approx(log_prob[i].item(), abs=1e-3)
+
+
+def test_zero_init_residual_reproduces_base_action():
+    sac = small_sac(obs_dim=5, act_dim=3)
+    obs = np.random.default_rng(0).normal(size=(10, 5)).astype(np.float32)
+    base = np.random.default_rng(1).uniform(-1, 1, size=(10, 3)).astype(np.float32)
+    mean, log_std = sac.actor(torch.from_numpy(obs), torch.from_numpy(base))
+    assert torch.equal(mean, torch.zeros_like(mean))
+    assert torch.allclose(log_std, torch.full_like(log_std, -1.5))  # midpoint of [-5, 2]
+    assert np.array_equal(sac.act(obs, base, deterministic=True), base)
+    assert np.array_equal(sac.act(obs[0], base[0], deterministic=True), base[0])
+    stochastic = sac.act(obs, base)
+    assert not np.array_equal(stochastic, base) and np.abs(stochastic - base).max() <= 0.5
+    edge = np.tile(np.array([[0.99, -0.99, 0.0]], np.float32), (200, 1))
+    executed = sac.act(np.zeros((200, 5), np.float32), edge)
+    assert np.abs(executed).max() == 1.0  # residual pushes past the edge; the action is clipped
+
+
+def test_combine_clips_and_no_base_ablation():
+    a = combine(torch.tensor([0.9, -0.9, 0.2]), torch.tensor([1.0, -1.0, 0.4]), 0.5)
+    assert torch.allclose(a, torch.tensor([1.0, -1.0, 0.4]))
+    sac = small_sac(obs_dim=2, act_dim=2, use_base=False)
+    out = sac.act(np.zeros((3, 2), np.float32), np.full((3, 2), 0.7, np.float32), deterministic=True)
+    assert np.array_equal(out, np.zeros((3, 2), np.float32))  # executes delta (=0), ignores base
+
+
+# ---------------------------------------------------------------------------- TD target
+
+
+def target_min_q(sac: ResidualSAC, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """min over heads, evaluating each head of the target critic separately."""
+    x = torch.cat([obs, action], dim=-1)
+    qs = [head(x).squeeze(-1) for head in sac.critic_target.heads]
+    return torch.minimum(qs[0], qs[1])
+
+
+def test_td_target_uses_stored_next_base_action():
+    torch.manual_seed(0)
+    sac = small_sac()
+    batch = random_batch()
+    torch.manual_seed(7)
+    y1 = sac.td_target(batch)
+    changed = dict(batch, next_base_action=batch["next_base_action"].clone())
+    changed["next_base_action"][0] = -changed["next_base_action"][0]
+    torch.manual_seed(7)
+    y2 = sac.td_target(changed)
+    bootstraps = batch["done"][0] == 0
+    assert (y1[0] != y2[0]) == bool(bootstraps)
+    assert torch.equal(y1[1:], y2[1:])
+    batch["done"][0] = 0.0
+    torch.manual_seed(7)
+    y3 = sac.td_target(batch)
+    changed["done"][0] = 0.0
+    torch.manual_seed(7)
+    assert not torch.isclose(sac.td_target(changed)[0], y3[0])
+
+
+def test_td_target_formula_with_xi_zero():
+    torch.manual_seed(0)
+    sac = small_sac(xi=0.0, reward_bias=0.25, init_temperature=0.3, gamma=0.9)
+    batch = random_batch(B=6)
+    batch["next_base_action"][0, 0] = 1.7  # out of range: the executed action is clipped
+    seen = {}
+
+    def fake_sample(obs, base):  # deterministic residual, nonzero: xi=0 must remove it
+        seen["base"] = base.clone()
+        return torch.full_like(base, 0.7), obs.sum(-1), torch.zeros_like(base)
+
+    sac.actor.sample = fake_sample
+    y = sac.td_target(batch)
+    assert torch.equal(seen["base"], batch["next_base_action"])
+    next_action = batch["next_base_action"].clamp(-1, 1)
+    v = target_min_q(sac, batch["next_obs"], next_action) - 0.3 * batch["next_obs"].sum(-1)
+    expected = batch["reward"] + 0.25 + 0.9 * (1 - batch["done"]) * v
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_otf_max_backup_is_max_over_samples():
+    torch.manual_seed(0)
+    K, B = 4, 8
+    sac = small_sac(otf_samples=K, xi=0.5)
+    batch = random_batch(B=B)
+    batch["done"].zero_()
+    table = torch.Generator().manual_seed(3)
+    deltas = torch.rand(K * B, 3, generator=table) * 2 - 1
+    logps = torch.randn(K * B, generator=table)
+    seen = {}
+
+    def fake_sample(obs, base):
+        seen["obs"], seen["base"] = obs.clone(), base.clone()
+        return deltas, logps, torch.zeros_like(base)
+
+    sac.actor.sample = fake_sample
+    y = sac.td_target(batch)
+    # Per-sample (K=1-style) targets, grouped by which transition each row belongs to.
+    a = combine(seen["base"], deltas, 0.5)
+    per_row = target_min_q(sac, seen["obs"], a) - sac.alpha * logps
+    expected, first = [], []
+    for b in range(B):
+        rows = (seen["obs"] == batch["next_obs"][b]).all(-1).nonzero().squeeze(-1)
+        assert len(rows) == K
+        targets = batch["reward"][b] + 0.99 * per_row[rows]
+        expected.append(targets.max())
+        first.append(targets[0])
+    assert torch.allclose(y, torch.stack(expected), atol=1e-5)
+    assert (y >= torch.stack(first) - 1e-6).all() and (y > torch.stack(first) + 1e-6).any()
+
+
+# ---------------------------------------------------------------------------- Cal-QL
+
+
+def constant_critic(sac: ResidualSAC, c: float) -> None:
+    for head in sac.critic.heads:
+        torch.nn.init.zeros_(head[-1].weight)
+        torch.nn.init.constant_(head[-1].bias, c)
+    sac.critic_target.load_state_dict(sac.critic.state_dict())
+
+
+def test_calql_lower_bound_uses_mc_return():
+    A, N, H, c, L, xi, alpha, T = 3, 5, 2, -1.0, 0.4, 0.5, 0.5, 0.7
+    sac = small_sac(act_dim=A, xi=xi, init_temperature=alpha, gamma=0.9)
+    constant_critic(sac, c)
+    sac.actor.sample = lambda obs, base: (torch.zeros_like(base), torch.full((obs.shape[0],), L), torch.zeros_like(base))
+    batch = random_batch(B=3, act_dim=A)
+    batch["reward"] = torch.tensor([0.0, 1.0, 0.0])
+    batch["done"] = torch.tensor([0.0, 1.0, 0.0])
+    batch["mc_return"] = torch.tensor([4.0, -5.0, 2.0])  # above, below, above Q = c
+    cfg = CalQLConfig(cql_alpha=5.0, n_actions=N, temperature=T)
+    loss, metrics = calql_critic_loss(sac, batch, cfg)
+
+    def expected_loss(bound: bool) -> float:
+        td, cons = 0.0, 0.0
+        for r, d, g in zip(batch["reward"].tolist(), batch["done"].tolist(), batch["mc_return"].tolist()):
+            y = r + 0.9 * (1 - d) * (c - alpha * L)
+            td += H * (c - y) ** 2 / 3
+            x_unif = c + A * math.log(2.0)  # Q - log(2^-A)
+            q_pi = max(c, g) if bound else c
+            x_pi = q_pi - (L - A * math.log(xi))  # Q - log density of a = a_b + xi * delta
+            lse = T * math.log(N * math.exp(x_unif / T) + 2 * N * math.exp(x_pi / T))
+            cons += H * (lse - c) / 3
+        return td + 5.0 * cons
+
+    assert loss.item() == pytest.approx(expected_loss(bound=True), rel=1e-5)
+    assert abs(expected_loss(bound=True) - expected_loss(bound=False)) > 1.0  # the bound matters here
+    assert metrics["calql_bound_rate"] == pytest.approx(2 / 3)
+
+
+def test_calql_rejects_missing_mc_return_and_pretrains():
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(200, 4, 3, gamma=0.99)
+    for _ in range(10):
+        T = 8
+        buf.add_episode(rng.normal(size=(T + 1, 4)), rng.uniform(-1, 1, (T + 1, 3)), rng.uniform(-1, 1, (T, 3)),
+                        np.eye(T)[-1], np.eye(T)[-1])
+    torch.manual_seed(0)
+    sac = small_sac()
+    calls = []
+    history = calql_pretrain(sac, buf, 6, CalQLConfig(n_actions=4), rng, callback=lambda s, m: calls.append(s))
+    assert calls == list(range(6)) and len(history) == 6
+    assert all(math.isfinite(h["calql_loss"]) for h in history)
+    assert sum("actor_loss" in h for h in history) == 3  # critic:actor ratio 2
+    batch = to_torch(buf.sample(4, rng))
+    batch["mc_return"][0] = float("nan")
+    with pytest.raises(PLDError, match="mc_return"):
+        calql_critic_loss(sac, batch, CalQLConfig())
+
+
+# ---------------------------------------------------------------------------- SAC updates and checkpoint
+
+
+def test_critic_actor_ratio():
+    torch.manual_seed(0)
+    sac = small_sac(critic_actor_ratio=2)
+    batch = random_batch(B=16)
+    actor0 = [p.clone() for p in sac.actor.parameters()]
+    critic0 = [p.clone() for p in sac.critic.parameters()]
+    m0 = sac.update(batch, step=0)
+    assert "actor_loss" not in m0
+    assert all(torch.equal(a, b) for a, b in zip(actor0, sac.actor.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(critic0, sac.critic.parameters()))
+    m1 = sac.update(batch, step=1)
+    assert "actor_loss" in m1
+    assert not all(torch.equal(a, b) for a, b in zip(actor0, sac.actor.parameters()))
+
+
+def test_polyak_update():
+    torch.manual_seed(0)
+    sac = small_sac(tau=0.1)
+    targ = [p.clone() for p in sac.critic_target.parameters()]
+    with torch.no_grad():
+        for p in sac.critic.parameters():
+            p.add_(1.0)
+    sac.polyak_update()
+    for t0, p, t1 in zip(targ, sac.critic.parameters(), sac.critic_target.parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * p)
+
+
+def test_sac_state_dict_roundtrip_through_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    a = small_sac()
+    batch = random_batch(B=16)
+    for step in range(4):
+        a.update(batch, step)
+    safetensors_torch.save_file(a.state_dict(), tmp_path / "residual.safetensors")
+    torch.manual_seed(123)
+    b = small_sac()
+    b.load_state_dict(safetensors_torch.load_file(tmp_path / "residual.safetensors"))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    # Same next update on both (Adam moments restored, not reset).
+    for sac in (a, b):
+        torch.manual_seed(5)
+        sac.update(batch, 5)
+    for pa, pb in zip(a.actor.parameters(), b.actor.parameters()):
+        assert torch.equal(pa, pb)
+    with pytest.raises(PLDError):
+        small_sac(hidden=16).load_state_dict(a.state_dict())
+
+
+def test_sac_learns_toward_rewarded_action():
+    """1-D toy: base action 0, reward 1 iff executed action > 0.5; the residual must move up."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(4000, 1, 1)
+    for _ in range(1000):  # one-step episodes with uniformly random residuals
+        a = rng.uniform(-1, 1, size=(1, 1))
+        r = (a[:, 0] > 0.5).astype(np.float32)
+        buf.add_episode(rng.uniform(-1, 1, (2, 1)), np.zeros((2, 1)), a, r, np.ones(1))
+    cfg = SACConfig(hidden=64, layers=2, batch_size=128, lr=1e-3, xi=1.0, init_temperature=0.05)
+    sac = ResidualSAC(1, 1, cfg)
+    for step in range(300):
+        sac.update(to_torch(buf.sample(cfg.batch_size, rng)), step)
+    obs = rng.uniform(-1, 1, (32, 1)).astype(np.float32)
+    executed = sac.act(obs, np.zeros((32, 1), np.float32), deterministic=True)
+    assert executed.mean() > 0.5, executed.mean()  # inside the rewarded region (5 seeds: 0.69-0.75)
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+def test_mc_returns():
+    assert np.allclose(mc_returns(np.array([0.0, 0.0, 1.0]), 0.9), [0.81, 0.9, 1.0])
+    buf = ReplayBuffer(10, 1, 1, gamma=0.5)
+    buf.start_episode(np.zeros(1), np.zeros(1))
+    for t in range(3):
+        buf.add_step(np.zeros(1), float(t == 2), float(t == 2), np.full(1, t + 1), np.zeros(1))
+    assert np.allclose(buf.mc_return[:3], [0.25, 0.5, 1.0]) and np.isnan(buf.mc_return[3])
+
+
+def test_replay_never_links_episodes_across_wraparound():
+    C = 13
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(C, 3, 2)
+    log: list[tuple[int, int]] = []  # every row ever written, as (episode, t)
+
+    def row(ep, t):
+        return np.array([ep, t, rng.normal()], np.float32), np.array([ep, -t], np.float32)
+
+    def check():
+        total = len(log)
+        expected = {log[j] for j in range(max(0, total - C), total - 1) if log[j + 1] == (log[j][0], log[j][1] + 1)}
+        assert len(buf) == len(expected)
+        if not expected:
+            return
+        s = buf.sample(64, rng)
+        assert np.array_equal(s["next_obs"][:, 0], s["obs"][:, 0])
+        assert np.array_equal(s["next_obs"][:, 1], s["obs"][:, 1] + 1)
+        assert np.array_equal(s["next_base_action"], np.stack([s["obs"][:, 0], -(s["obs"][:, 1] + 1)], 1))
+        assert np.array_equal(s["action"], s["obs"][:, :2])
+        assert np.allclose(s["reward"], s["obs"][:, 1] / 10)
+        assert {(int(e), int(t)) for e, t in s["obs"][:, :2]} <= expected
+
+    for ep in range(400):
+        T = int(rng.integers(0, 8)) if ep % 50 else 30  # every 50th episode is longer than C
+        if rng.random() < 0.5 and T < C:
+            rows = [row(ep, t) for t in range(T + 1)]
+            buf.add_episode(np.stack([o for o, _ in rows]), np.stack([b for _, b in rows]),
+                            np.array([[ep, t] for t in range(T)], np.float32).reshape(T, 2),
+                            np.arange(T) / 10, np.zeros(T))
+            log.extend((ep, t) for t in range(T + 1))
+        else:
+            buf.start_episode(*row(ep, 0))
+            log.append((ep, 0))
+            for t in range(T):
+                buf.add_step(np.array([ep, t], np.float32), t / 10, float(t == T - 1 and ep % 3 == 0), *row(ep, t + 1))
+                log.append((ep, t + 1))
+                if t % 3 == 0:
+                    check()
+        check()
+
+
+def test_sample_mixed_is_symmetric():
+    rng = np.random.default_rng(0)
+    offline, online = ReplayBuffer(100, 2, 1), ReplayBuffer(100, 2, 1)
+    offline.add_episode(np.zeros((21, 2)), np.zeros((21, 1)), np.zeros((20, 1)), np.zeros(20), np.zeros(20))
+    online.add_episode(np.ones((21, 2)), np.zeros((21, 1)), np.zeros((20, 1)), np.zeros(20), np.zeros(20))
+    batch = sample_mixed(offline, online, 256, rng)
+    assert batch["obs"].dtype == torch.float32 and batch["obs"].shape == (256, 2)
+    assert int((batch["obs"][:, 0] == 0).sum()) == 128 and int((batch["obs"][:, 0] == 1).sum()) == 128
+    assert int((sample_mixed(offline, online, 100, rng, offline_fraction=0.25)["obs"][:, 0] == 0).sum()) == 25
+    empty = ReplayBuffer(100, 2, 1)
+    assert int((sample_mixed(offline, empty, 64, rng)["obs"][:, 0] == 0).sum()) == 64
+    assert int((sample_mixed(empty, online, 64, rng)["obs"][:, 0] == 1).sum()) == 64
+
+
+def test_replay_memory_at_paper_capacity():
+    buf = ReplayBuffer(250_000, 64, 7)
+    assert buf.nbytes < 1e9
+    assert buf.nbytes < 2 * buf.obs.nbytes  # no duplicated next-observation array
+    assert buf.obs.nbytes == 250_000 * 64 * 4
+
+
+def test_replay_state_dict_roundtrip():
+    rng = np.random.default_rng(0)
+    a = ReplayBuffer(50, 3, 2)
+    for ep in range(12):
+        T = 5
+        a.add_episode(rng.normal(size=(T + 1, 3)), rng.normal(size=(T + 1, 2)), rng.normal(size=(T, 2)),
+                      rng.random(T), np.zeros(T))
+    a.start_episode(rng.normal(size=3), rng.normal(size=2))
+    a.add_step(rng.normal(size=2), 0.0, 0.0, rng.normal(size=3), rng.normal(size=2))
+    f = io.BytesIO()
+    np.savez(f, **a.state_dict())
+    f.seek(0)
+    b = ReplayBuffer(50, 3, 2)
+    b.load_state_dict(dict(np.load(f, allow_pickle=False)))
+    assert len(a) == len(b) > 0
+    sa, sb = a.sample(32, np.random.default_rng(1)), b.sample(32, np.random.default_rng(1))
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k])
+    for buf in (a, b):  # the open episode continues identically
+        buf.add_step(np.ones(2), 1.0, 1.0, np.ones(3), np.ones(2))
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(v, b.state_dict()[k])
+    with pytest.raises(PLDError, match="obs_dim"):
+        ReplayBuffer(50, 4, 2).load_state_dict(a.state_dict())
