@@ -58,7 +58,11 @@ def find_checkpoint_dir(path: Path) -> Path:
 
 def read_checkpoint_config(ckpt: Path) -> dict:
     """config.json as a dict, checked for a known policy ``type``, weights and processor files."""
+    import lerobot.policies  # noqa: F401  (importing it registers the built-in policy configs)
     from lerobot.configs import PreTrainedConfig
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    register_third_party_plugins()  # lerobot_policy_* packages register their types on import
 
     try:
         raw = json.loads((ckpt / CONFIG_FILE).read_text())
@@ -213,11 +217,17 @@ class BasePolicy:
             raise _fail(ckpt, f"the '{config.type}' policy cannot be built from it ({type(e).__name__}: {e})",
                         "check the weights match config.json, and that the policy's extra is installed") from e
         _check_weights(ckpt, policy)
+        # move the saved pipelines' device step (trained on a GPU, say) to ours; LeRobot
+        # rejects overrides for steps a pipeline does not have
+        overrides = []
+        for name, dev in zip(PROCESSOR_FILES, (device, "cpu")):
+            steps = json.loads((ckpt / name).read_text()).get("steps", [])
+            has_device = any(st.get("registry_name") == "device_processor" for st in steps)
+            overrides.append({"device_processor": {"device": dev}} if has_device else {})
         try:
             pre, post = make_pre_post_processors(
                 policy.config, pretrained_path=str(ckpt),
-                preprocessor_overrides={"device_processor": {"device": device}},
-                postprocessor_overrides={"device_processor": {"device": "cpu"}},
+                preprocessor_overrides=overrides[0], postprocessor_overrides=overrides[1],
             )
         except Exception as e:
             raise _fail(ckpt, f"its processor pipelines cannot be loaded ({type(e).__name__}: {e})",

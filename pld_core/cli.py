@@ -106,6 +106,71 @@ def cmd_bench(args) -> int:
     raise PLDError(f"unknown benchmark '{args.bench}'")
 
 
+def _params(args):
+    from pld_core.config import load_params, parse_overrides
+
+    return load_params(args.params, args.profile, parse_overrides(args.set or []))
+
+
+def cmd_stage(args) -> int:
+    from tasks.registry import call_stage
+
+    params = _params(args)
+    m = call_stage(args.name, params, k=args.iteration, task=args.task, force=args.force)
+    print(json.dumps({"stage": args.name, "skipped": m.get("skipped"), "output_digest": m.get("output_digest"), "metrics": m.get("metrics")}, default=str))
+    return 0
+
+
+def cmd_flywheel(args) -> int:
+    from flows.flywheel import flywheel
+    from pld_core.locking import data_lock
+    from pld_core.report import print_lineage, write_figures
+    from tasks.common import Layout
+
+    params = _params(args)
+    layout = Layout.of(params)
+    t0 = time.time()
+    with data_lock(layout.root):
+        flywheel(params, args.iterations)
+    write_figures(params)
+    print_lineage(params)
+    print(f"flywheel finished in {time.time() - t0:.0f} s; artifacts under {layout.root}")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from pld_core.report import lineage_rows, print_lineage, write_lineage_picture
+
+    params = _params(args)
+    if args.json:
+        rows = lineage_rows(params)
+        print(json.dumps([{k: r[k] for k in ("version", "parent", "dataset_digest", "success_rate")} for r in rows]))
+        return 0
+    print_lineage(params)
+    path = write_lineage_picture(params, args.out)
+    if path:
+        print(f"picture: {path}")
+    return 0
+
+
+def cmd_params(args) -> int:
+    import yaml
+
+    params = _params(args)
+    raw = params.model_dump()
+    raw["profile"] = "default"
+    print(f"# params.yaml resolved from profile '{params.profile}' of {args.params}")
+    print(yaml.safe_dump(raw, sort_keys=False), end="")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.serve import serve
+
+    serve(args.cron, profile=args.profile, params_path=args.params, name=args.name)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pld", description="PLD flywheel: Probe, Learn, Distill on LIBERO")
@@ -151,6 +216,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", help="override a param: --set residual.env_steps=50000")
     b.add_argument("--out")
     b.set_defaults(func=cmd_bench)
+    def params_args(sp):
+        sp.add_argument("--params", default="params.yaml")
+        sp.add_argument("--profile", default=None, help="a profile under `profiles:` in params.yaml (default: the top level)")
+        sp.add_argument("--set", action="append", help="override a param, e.g. --set sac.batch_size=64 (repeatable)")
+
+    st = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    st.add_argument("name")
+    st.add_argument("--iteration", type=int, default=0)
+    st.add_argument("--task", type=int, default=None)
+    st.add_argument("--force", action="store_true", help="rebuild even if the manifest is up to date")
+    params_args(st)
+    st.set_defaults(func=cmd_stage)
+
+    fw = sub.add_parser("flywheel", help="run the flywheel (bootstrap + iterations) as Prefect flow runs")
+    fw.add_argument("--iterations", type=int, default=None)
+    params_args(fw)
+    fw.set_defaults(func=cmd_flywheel)
+
+    li = sub.add_parser("lineage", help="the registered base versions (MLflow) as a table and a picture")
+    li.add_argument("--json", action="store_true")
+    li.add_argument("--out", default=None, help="picture path (default <data_dir>/figures/lineage.png)")
+    params_args(li)
+    li.set_defaults(func=cmd_lineage)
+
+    pa_ = sub.add_parser("params", help="print params.yaml resolved for a profile (validated), e.g. for dvc repro")
+    params_args(pa_)
+    pa_.set_defaults(func=cmd_params)
+
+    se = sub.add_parser("serve", help="a scheduled deployment of the flywheel on a Prefect server")
+    se.add_argument("--cron", required=True, help='e.g. "0 2 * * *" (02:00 every day)')
+    se.add_argument("--name", default="pld-flywheel")
+    params_args(se)
+    se.set_defaults(func=cmd_serve)
     return p
 
 

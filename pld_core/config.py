@@ -49,6 +49,7 @@ class BaseParams(Section):
 class OfflineParams(Section):
     successes: int = Field(20, gt=0)
     max_episodes: int = Field(200, gt=0)
+    seed: int = Field(0, ge=0)  # seeds the base policy and the rollouts of collect_offline
 
 
 class CalQLParams(Section):
@@ -93,6 +94,9 @@ class ResidualParams(Section):
     eval_episodes: int = Field(20, gt=0)
     ablation: Literal["none", "no_base", "no_offline", "no_calql", "no_probe"] = "none"
     seed: int = Field(0, ge=0)
+    encoder: Literal["state", "image"] = "state"  # residual/critic input; "image" (frozen image encoder) is not built yet
+    offline_fraction: float = Field(0.5, ge=0, le=1)  # share of each batch from the offline buffer (RLPD: 0.5)
+    torch_threads: int | None = Field(1, ge=1)  # CPU threads for torch (1 is fastest for these small nets); null = torch default
 
 
 class CollectParams(Section):

@@ -17,6 +17,7 @@ through a temporary file and ``os.replace``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 QUANTILE_KEYS = ("q01", "q10", "q50", "q90", "q99")
 ROBOT_TYPE = "panda"  # LIBERO's robot; only metadata for LeRobot
+IMAGE_WRITER_THREADS = 4  # PNG encoding off the main thread (LeRobot's AsyncImageWriter)
 STATE_NAMES = ["eef_x", "eef_y", "eef_z", "eef_axis_angle_x", "eef_axis_angle_y", "eef_axis_angle_z",
                "gripper_qpos_left", "gripper_qpos_right"]
 ACTION_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
@@ -158,7 +160,6 @@ def convert_stores(
     out_root = Path(out_root)
     stores, obs_shapes, use_images = _store_plan(store_paths, use_images, label_key)
     features = lerobot_features(obs_shapes, use_images)
-    arrays = list(STATE_ARRAYS) + (list(IMAGE_ARRAYS) if use_images else []) + [label_key]
 
     out_root.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(out_root.parent, out_root.name)
@@ -166,22 +167,29 @@ def convert_stores(
     if tmp.exists():
         shutil.rmtree(tmp)
     n_eps = 0
+    ds = None
     try:
         ds = LeRobotDataset.create(repo_id=repo_id, fps=FPS, features=features, root=tmp,
-                                   robot_type=ROBOT_TYPE, use_videos=False)
+                                   robot_type=ROBOT_TYPE, use_videos=False,
+                                   image_writer_threads=IMAGE_WRITER_THREADS if use_images else 0)
         for store in stores:
             task_names = list(store.attrs["task_names"])
-            for ep in store.episodes(arrays):
-                if only_successful and not ep.success:
+            # low-dim arrays in RAM (validated by the store); images one episode at a time
+            low = store.load(list(STATE_ARRAYS) + [label_key])
+            table = store.episode_table()
+            ends = store.episode_ends
+            starts = np.concatenate([[0], ends[:-1]])
+            for i, row in table.iterrows():
+                if only_successful and not bool(row.success):
                     continue
-                task = task_names[ep.task_index]
-                label = np.asarray(ep.steps[label_key], dtype=np.float32)
-                for t in range(len(label)):
-                    frame = {lr: np.asarray(ep.steps[st][t], dtype=np.float32) for st, lr in STATE_ARRAYS.items()}
-                    if use_images:
-                        for st, lr in IMAGE_ARRAYS.items():
-                            frame[lr] = np.asarray(ep.steps[st][t], dtype=np.uint8)
-                    frame[ACTION_FEATURE] = label[t]
+                s, e = int(starts[i]), int(ends[i])
+                task = task_names[int(row.task_index)]
+                images = {st: np.asarray(store.data[st][s:e]) for st in IMAGE_ARRAYS} if use_images else {}
+                for t in range(s, e):
+                    frame = {lr: np.asarray(low[st][t], dtype=np.float32) for st, lr in STATE_ARRAYS.items()}
+                    for st, lr in (IMAGE_ARRAYS.items() if use_images else ()):
+                        frame[lr] = images[st][t - s]
+                    frame[ACTION_FEATURE] = np.asarray(low[label_key][t], dtype=np.float32)
                     frame["task"] = task
                     ds.add_frame(frame)
                 ds.save_episode()
@@ -197,6 +205,9 @@ def convert_stores(
                        "episodes": n_eps}, f, indent=2)
         replace_dir(tmp, out_root)
     except BaseException:
+        if ds is not None:  # else LeRobot's writer finalizes on garbage collection, into tmp
+            with contextlib.suppress(Exception):
+                ds.finalize()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_root

@@ -16,10 +16,13 @@ ENV_DIM = 6
 IMG_HW = (16, 16)
 TASKS = ["pick up the alphabet soup and place it in the basket", "pick up the cream cheese and place it in the basket"]
 
-# A tiny ACT on state only: ~0.1M parameters, trains at several steps per second on one core.
+# A tiny ACT on state only (58k parameters). ENV is in the normalization mapping because ACT's
+# default mapping leaves observation.environment_state unnormalized (and it exercises dict values
+# on the trainer's command line).
 TINY_ACT = {
     "type": "act", "dim_model": 32, "n_heads": 2, "dim_feedforward": 64, "n_encoder_layers": 1,
     "n_decoder_layers": 1, "latent_dim": 8, "chunk_size": 5, "n_action_steps": 5, "use_vae": True,
+    "normalization_mapping": {"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ENV": "MEAN_STD", "ACTION": "MEAN_STD"},
 }
 
 
@@ -40,9 +43,11 @@ def make_store(path: Path, n_episodes: int = 3, length: int = 12, images: bool =
             reward[-1] = 1.0
         base = rng.uniform(-0.9, 0.9, (t, 7)).astype(np.float32)
         label = np.clip(base + rng.normal(0, 0.05, (t, 7)), -1, 1).astype(np.float32)
+        env_state = rng.normal(0, 1, (t, env_dim)).astype(np.float32)
+        env_state[:, -1] = i % len(TASKS)  # constant within an episode, like the task one-hot
         steps = {
             "obs_state": rng.normal(0, 1, (t, 8)).astype(np.float32),
-            "obs_env_state": rng.normal(0, 1, (t, env_dim)).astype(np.float32),
+            "obs_env_state": env_state,
             "base_action": base,
             "action": label,
             "label_action": label,
@@ -57,4 +62,35 @@ def make_store(path: Path, n_episodes: int = 3, length: int = 12, images: bool =
         eps.append(Episode(steps=steps, task_index=i % len(TASKS), init_state=i, seed=seed * 100 + i,
                            success=success, t_base=t // 2))
     store.append(eps)
+    return path
+
+
+def make_image_act_checkpoint(path: Path, env_dim: int = ENV_DIM) -> Path:
+    """An untrained ACT that takes both cameras, saved as LeRobot saves a pretrained_model dir."""
+    import torch
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.act.configuration_act import ACTConfig
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    h, w = IMG_HW
+    inputs = {
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
+        "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(env_dim,)),
+        "observation.images.image": PolicyFeature(type=FeatureType.VISUAL, shape=(3, h, w)),
+        "observation.images.image2": PolicyFeature(type=FeatureType.VISUAL, shape=(3, h, w)),
+    }
+    cfg = ACTConfig(input_features=inputs, output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(7,))},
+                    pretrained_backbone_weights=None, dim_model=32, n_heads=2, dim_feedforward=64,
+                    n_encoder_layers=1, n_decoder_layers=1, latent_dim=8, chunk_size=4, n_action_steps=4,
+                    device="cpu")
+    torch.manual_seed(0)
+    policy = ACTPolicy(cfg)
+    stats = {k: {"mean": np.zeros(ft.shape if ft.type is not FeatureType.VISUAL else (3, 1, 1), np.float32),
+                 "std": np.ones(ft.shape if ft.type is not FeatureType.VISUAL else (3, 1, 1), np.float32)}
+             for k, ft in {**inputs, **cfg.output_features}.items()}
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    policy.save_pretrained(path)
+    pre.save_pretrained(path)
+    post.save_pretrained(path)
     return path

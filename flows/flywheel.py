@@ -1,0 +1,165 @@
+"""Prefect flows: the PLD flywheel. Wiring only: every stage lives in ``tasks/``.
+
+    flywheel(profile)                      the loop over base versions
+      bootstrap                            demos -> base v0 (LeRobot, from scripted demos) -> eval v0
+      iteration(k)                         base vK -> base vK+1
+        per task (fanned out)              collect_offline -> pretrain_critic -> train_residual -> collect_pld
+        then                               convert_dataset -> augment_quantiles -> sft -> evaluate
+        register base vK+1 in MLflow       (parent vK, PLD dataset digest, specialist runs)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from pld_core import lineage
+from pld_core.config import Params
+from pld_core.errors import PLDError
+from tasks.common import Layout, base_checkpoint
+from tasks.registry import PER_TASK, call_stage
+
+
+def _mlflow_setup(params: Params, root: Path):
+    m = params.mlflow
+    return lineage.setup(m.tracking_uri, m.experiment, m.artifact_dir, root=root)
+
+
+def run_stage_logged(name: str, params: Params, root: str, k: int = 0, task_index: int | None = None,
+                     parent_run_id: str | None = None) -> dict:
+    """One stage inside a nested MLflow run (usable from any worker: threads, Dask or Ray processes)."""
+    os.chdir(root)  # Dask/Ray workers may start elsewhere
+    _mlflow_setup(params, Path(root))
+    import mlflow
+
+    label = name if task_index is None else f"{name}[{params.env.suite}-{task_index}]"
+    tags = {"pld.stage": name, "pld.iteration": str(k), "pld.profile": params.profile}
+    if task_index is not None:
+        tags["pld.task"] = f"{params.env.suite}/{task_index}"
+    t0 = time.time()
+    with mlflow.start_run(run_name=label, nested=parent_run_id is not None, parent_run_id=parent_run_id, tags=tags) as r:
+        manifest = call_stage(name, params, k=k, task=task_index)
+        mlflow.set_tags({"pld.skipped": str(manifest.get("skipped", False)), "pld.output_digest": manifest.get("output_digest") or ""})
+        lineage.log_metrics({k2: v for k2, v in (manifest.get("metrics") or {}).items()})
+        lineage.log_metrics({"stage_seconds": time.time() - t0})
+    manifest["run_id"] = r.info.run_id
+    manifest["wall_seconds"] = time.time() - t0
+    return manifest
+
+
+@task(name="stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, task_run_name="{name}-it{k}-task{task_index}")
+def stage(name: str, params: Params, root: str, k: int = 0, task_index: int | None = None, parent_run_id: str | None = None) -> dict:
+    return run_stage_logged(name, params, root, k, task_index, parent_run_id)
+
+
+def make_task_runner(params: Params):
+    f = params.flywheel
+    if f.task_runner in ("sequential", "threads"):
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1 if f.task_runner == "sequential" else f.max_workers)
+    if f.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise PLDError("flywheel.task_runner is 'dask' but prefect-dask is not installed. Fix: pip install prefect-dask") from None
+        address = os.environ.get("PLD_DASK_ADDRESS")
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": f.max_workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None, "host": "127.0.0.1"})
+    if f.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise PLDError("flywheel.task_runner is 'ray' but prefect-ray is not installed. Fix: pip install prefect-ray") from None
+        return RayTaskRunner(address=os.environ.get("PLD_RAY_ADDRESS"))
+    raise PLDError(f"unknown flywheel.task_runner '{f.task_runner}'")
+
+
+def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None) -> dict:
+    """Per-task chains fanned out through the flow's task runner, then the distill chain."""
+    futures: dict[tuple[int, str], object] = {}
+    for t in params.env.tasks:
+        prev = None
+        for name in PER_TASK:
+            prev = stage.submit(name, params, root, k, t, parent_run_id, wait_for=[prev] if prev is not None else None)
+            futures[(t, name)] = prev
+    specialists, per_task = [], {}
+    for t in params.env.tasks:
+        futures[(t, PER_TASK[-1])].result()  # raises if any stage of that task failed (after its retry)
+        m = futures[(t, "train_residual")].result()
+        specialists.append(m["run_id"])
+        per_task[t] = m.get("metrics", {})
+    out = {"specialist_runs": specialists, "specialists": per_task}
+    for name in ("convert_dataset", "augment_quantiles", "sft", "evaluate"):
+        out[name] = stage.submit(name, params, root, k, None, parent_run_id).result()
+    return out
+
+
+@flow(name="pld-iteration", log_prints=True)
+def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
+    """Base vK -> base vK+1, registered in MLflow with its lineage."""
+    root = root or os.getcwd()
+    client = _mlflow_setup(params, Path(root))
+    import mlflow
+
+    with mlflow.start_run(run_name=f"iteration-{k}", tags={"pld.iteration": str(k), "pld.profile": params.profile}) as parent:
+        lineage.log_metrics({"iteration": k})
+        out = _iteration_body(params, root, k, parent.info.run_id)
+        layout = Layout.of(params, Path(root))
+        rate = out["evaluate"]["metrics"]["success_rate"]
+        mlflow.log_metric("base_success_rate", rate)
+        version = lineage.register_base(
+            client, params.mlflow.model_name, k + 1, Path(base_checkpoint(params, layout, k + 1)), parent.info.run_id, parent=k,
+            dataset_digest=out["augment_quantiles"]["output_digest"], specialist_runs=out["specialist_runs"], success_rate=rate)
+        out["registered_version"] = version
+    return out
+
+
+@flow(name="pld-bootstrap", log_prints=True)
+def bootstrap_flow(params: Params, root: str | None = None) -> dict:
+    """Base v0: the user's checkpoint, or a LeRobot policy trained on scripted demos; evaluated and registered."""
+    root = root or os.getcwd()
+    client = _mlflow_setup(params, Path(root))
+    import mlflow
+
+    layout = Layout.of(params, Path(root))
+    with mlflow.start_run(run_name="base-v0", tags={"pld.iteration": "bootstrap", "pld.profile": params.profile}) as parent:
+        out = {}
+        names = ("evaluate_v0",) if params.base.path else ("demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0")
+        for name in names:
+            out[name] = stage.submit(name, params, root, 0, None, parent.info.run_id).result()
+        rate = out["evaluate_v0"]["metrics"]["success_rate"]
+        mlflow.log_metric("base_success_rate", rate)
+        digest = out["base_v0_dataset"]["output_digest"] if "base_v0_dataset" in out else None
+        ckpt = base_checkpoint(params, layout, 0)
+        if Path(ckpt).exists():
+            out["registered_version"] = lineage.register_base(client, params.mlflow.model_name, 0, Path(ckpt), parent.info.run_id,
+                                                              parent=None, dataset_digest=digest, specialist_runs=[], success_rate=rate)
+    return out
+
+
+def flywheel(params: Params, iterations: int | None = None, root: str | None = None) -> dict:
+    """The loop over base versions, each piece a Prefect flow run on the configured task runner."""
+    root = root or os.getcwd()
+    runner = make_task_runner(params)
+    boot = bootstrap_flow.with_options(task_runner=runner)(params, root)
+    results = {"bootstrap": boot, "iterations": []}
+    for k in range(iterations or params.flywheel.iterations):
+        results["iterations"].append(iteration_flow.with_options(task_runner=make_task_runner(params))(params, k, root))
+    return results
+
+
+@flow(name="pld-flywheel", log_prints=True)
+def flywheel_flow(profile: str = "default", params_path: str = "params.yaml", iterations: int | None = None, root: str | None = None) -> dict:
+    """Entry point for scheduled deployments (`pld serve`): reads params.yaml at run time."""
+    from pld_core.config import load_params
+
+    root = root or os.getcwd()
+    params = load_params(Path(root) / params_path, profile)
+    return flywheel(params, iterations, root)

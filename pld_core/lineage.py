@@ -1,0 +1,146 @@
+"""MLflow lineage: runs per iteration/stage/task, and base versions as versions of one registered model.
+
+Each registered version of ``mlflow.model_name`` is one base policy (v0, v1, ...), tagged with
+``pld_version`` (0, 1, ...), ``parent_version`` (the base it was fine-tuned from), ``dataset_digest``
+(the PLD dataset it was distilled from), ``specialist_runs`` (MLflow run ids of the residual
+specialists whose data made it), ``success_rate`` and ``checkpoint`` (the pretrained_model dir).
+Aliases: ``newest`` on the newest version, ``best`` on the one with the highest success rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from pld_core.errors import PLDError
+
+
+def _mlflow():
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import mlflow
+
+    return mlflow
+
+
+def resolve_uri(uri: str, root: Path | None = None) -> str:
+    """Make relative sqlite paths absolute (relative to ``root``) and create their directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        path = (Path(root or ".") / rel).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def setup(tracking_uri: str, experiment: str, artifact_dir: str | None = None, root: Path | None = None):
+    """Point MLflow at the store and make sure the experiment exists. Fails fast if unreachable."""
+    mlflow = _mlflow()
+    uri = resolve_uri(tracking_uri, root)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            loc = None
+            if artifact_dir:
+                loc = (Path(root or ".") / artifact_dir).resolve().as_uri()
+            client.create_experiment(experiment, artifact_location=loc)
+    except Exception as e:  # MlflowException, connection errors
+        raise PLDError(f"MLflow tracking URI '{tracking_uri}' is unreachable or unusable ({type(e).__name__}: {str(e)[:200]}). "
+                       f"Fix: set mlflow.tracking_uri in params.yaml to a reachable server or a sqlite:/// path") from None
+    mlflow.set_experiment(experiment)
+    return client
+
+
+@contextlib.contextmanager
+def run(name: str, nested: bool = False, tags: dict | None = None, params: dict | None = None):
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=name, nested=nested, tags=tags) as r:
+        if params:
+            mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
+        yield r
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_metrics(metrics: dict, step: int | None = None) -> None:
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    clean = {k: float(v) for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def register_base(client, model_name: str, version: int, checkpoint: Path, run_id: str, parent: int | None,
+                  dataset_digest: str | None, specialist_runs: list[str], success_rate: float | None) -> str:
+    """Register base ``v<version>``; idempotent (an existing version with the same pld_version is reused)."""
+    with contextlib.suppress(Exception):
+        client.create_registered_model(model_name, description="PLD flywheel base policies (one version per flywheel iteration)")
+    for mv in client.search_model_versions(f"name='{model_name}'"):
+        if mv.tags.get("pld_version") == str(version):
+            return mv.version
+    artifact_path = f"base_v{version}"
+    client.log_artifacts(run_id, str(checkpoint), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    tags = {
+        "pld_version": str(version),
+        "parent_version": "" if parent is None else str(parent),
+        "dataset_digest": dataset_digest or "",
+        "specialist_runs": ",".join(specialist_runs),
+        "success_rate": "" if success_rate is None else f"{success_rate:.4f}",
+        "checkpoint": str(Path(checkpoint).resolve()),
+    }
+    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
+                                     description=f"base v{version}" + (f", fine-tuned from v{parent}" if parent is not None else ""))
+    update_aliases(client, model_name)
+    return mv.version
+
+
+def update_aliases(client, model_name: str) -> None:
+    versions = client.search_model_versions(f"name='{model_name}'")
+    if not versions:
+        return
+    newest = max(versions, key=lambda v: int(v.tags.get("pld_version", -1)))
+    client.set_registered_model_alias(model_name, "newest", newest.version)
+    rated = [v for v in versions if v.tags.get("success_rate")]
+    if rated:
+        best = max(rated, key=lambda v: (float(v.tags["success_rate"]), int(v.tags.get("pld_version", -1))))
+        client.set_registered_model_alias(model_name, "best", best.version)
+
+
+def lineage(client, model_name: str) -> list[dict]:
+    """The registered base versions, oldest first."""
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except Exception:
+        return []
+    rows = []
+    for v in versions:
+        t = v.tags
+        rows.append({
+            "version": int(t.get("pld_version", -1)),
+            "parent": int(t["parent_version"]) if t.get("parent_version") else None,
+            "dataset_digest": t.get("dataset_digest") or None,
+            "success_rate": float(t["success_rate"]) if t.get("success_rate") else None,
+            "specialist_runs": [r for r in t.get("specialist_runs", "").split(",") if r],
+            "registry_version": int(v.version),
+            "checkpoint": t.get("checkpoint"),
+            "run_id": v.run_id,
+        })
+    return sorted(rows, key=lambda r: r["version"])

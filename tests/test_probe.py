@@ -1,0 +1,341 @@
+"""The Probe stage end to end on real LIBERO (libero_object task 0), tiny budgets.
+
+The base is the scripted expert with noise 0.3 (a flawed base, ~50-70% success). What is checked:
+the offline store (successes, Monte-Carlo returns, next base actions), the Cal-QL warm start's
+outputs, and the residual training loop's own properties: probing steps never reach the replay,
+warm-up episodes execute the base action, every update draws a 1:1 offline/online batch, the
+ablation switches, and a SIGKILLed train_residual resuming from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pld_core.artifacts import read_manifest, tmp_dir_for
+from pld_core.config import validate_params
+from pld_core.env import LiberoEnv
+from pld_core.errors import PLDError
+from pld_core.replay import ReplayBuffer
+from pld_core.scripted import ScriptedExpert
+from pld_core.specialist import (EVAL_SEED, SpecialistTrainer, StateEncoder, load_residual, offline_buffer_from_store,
+                                 xi_schedule)
+from pld_core.store import TrajectoryStore, mc_returns
+from tasks import collect_offline, pretrain_critic, train_residual
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "scripted:noise=0.3"
+SUITE, TASK = "libero_object", 0
+
+torch.set_num_threads(1)
+
+
+def tiny(**residual) -> dict:
+    return {
+        "env": {"suite": SUITE, "tasks": [TASK]},
+        "offline": {"successes": 2, "max_episodes": 8},
+        "calql": {"steps": 6, "n_actions": 2},
+        "sac": {"hidden": 32, "layers": 1, "batch_size": 32},
+        "residual": {"env_steps": 500, "warmup_episodes": 1, "learning_starts": 0, "checkpoint_every": 150,
+                     "eval_every": 10_000, "eval_episodes": 1, "replay_capacity": 4000, "xi_warmup_steps": 200,
+                     **residual},
+        "evaluate": {"episodes": 1},
+    }
+
+
+class RecordingEnv:
+    """A LiberoEnv that logs every episode's observations and executed actions."""
+
+    def __init__(self, env: LiberoEnv):
+        self._env = env
+        self.episodes: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def reset(self, init_state: int = 0, seed: int = 0):
+        obs = self._env.reset(init_state, seed=seed)
+        self.episodes.append({"seed": seed, "obs": [obs], "actions": []})
+        return obs
+
+    def step(self, action):
+        out = self._env.step(action)
+        self.episodes[-1]["obs"].append(out[0])
+        self.episodes[-1]["actions"].append(np.asarray(action, dtype=np.float32).copy())
+        return out
+
+    def training_episodes(self) -> list[dict]:
+        return [e for e in self.episodes if e["seed"] < EVAL_SEED]
+
+
+class CountingBase(ScriptedExpert):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = 0
+
+    def act(self, obs=None):
+        self.calls += 1
+        return super().act(obs)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """collect_offline (2 successes) and pretrain_critic, once for the module."""
+    root = tmp_path_factory.mktemp("probe")
+    params = validate_params(tiny())
+    off = collect_offline.run(params, root / "offline", BASE, TASK, show_progress=False)
+    crit = pretrain_critic.run(params, root / "critic_init", root / "offline", show_progress=False)
+    return {"root": root, "params": params, "offline": off, "critic": crit}
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = LiberoEnv(SUITE, TASK, max_steps=150)  # short episodes: the loop's properties, not success, are tested
+    yield e
+    e.close()
+
+
+def make_trainer(probe, env, params, work: Path, base=None) -> SpecialistTrainer:
+    store = TrajectoryStore.open(probe["root"] / "offline" / collect_offline.STORE_NAME)
+    encoder = StateEncoder.from_store(store)
+    offline = offline_buffer_from_store(store, encoder, params.sac.gamma)
+    base = base if base is not None else CountingBase(noise=0.3, seed=0)
+    return SpecialistTrainer(params, env, base, encoder, offline, work, key="test", show_progress=False)
+
+
+# ----------------------------------------------------------------------------- offline + Cal-QL stages
+def test_collect_offline_store_is_consistent(probe):
+    off, root, params = probe["offline"], probe["root"], probe["params"]
+    assert off["stage"] == "collect_offline" and off["metrics"]["successes"] == 2
+    assert 0 < off["metrics"]["base_success_rate"] <= 1 and off["metrics"]["episodes"] >= 2
+    store = TrajectoryStore.open(root / "offline" / collect_offline.STORE_NAME)
+    steps = store.load()  # pandera-validated
+    table = store.episode_table()
+    assert len(table) == 2 and table["success"].all() and store.attrs["gamma"] == params.sac.gamma
+    ends = store.episode_ends
+    for s, e in zip(np.concatenate([[0], ends[:-1]]), ends):
+        ep = {k: v[s:e] for k, v in steps.items()}
+        assert ep["done"][-1] and not ep["done"][:-1].any()
+        assert ep["reward"][-1] == 1.0 and not ep["reward"][:-1].any()
+        assert np.allclose(ep["mc_return"], mc_returns(ep["reward"], params.sac.gamma))
+        assert np.isclose(ep["mc_return"][0], params.sac.gamma ** (e - s - 1))
+        # the base action at every next state is the next step's base action
+        assert np.array_equal(ep["next_base_action"][:-1], ep["base_action"][1:])
+        assert np.array_equal(ep["action"], ep["base_action"]) and np.array_equal(ep["label_action"], ep["base_action"])
+    # a second run with the same params and base is skipped (same manifest)
+    again = collect_offline.run(params, root / "offline", BASE, TASK, show_progress=False)
+    assert again["finished_at"] == off["finished_at"] and again["key"] == off["key"]
+
+
+def test_offline_buffer_has_every_stored_transition(probe):
+    store = TrajectoryStore.open(probe["root"] / "offline" / collect_offline.STORE_NAME)
+    encoder = StateEncoder.from_store(store)
+    buf = offline_buffer_from_store(store, encoder, 0.99)
+    assert len(buf) == store.n_steps  # successes end in done: no transition is dropped
+    batch = buf.sample(512, np.random.default_rng(0))
+    assert np.isfinite(batch["mc_return"]).all() and np.abs(batch["obs"]).max() <= StateEncoder.CLIP
+
+
+def test_pretrain_critic_outputs(probe):
+    crit, root = probe["critic"], probe["root"]
+    d = root / "critic_init"
+    state = load_file(str(d / pretrain_critic.WEIGHTS))
+    assert any(k.startswith("critic.") for k in state) and "encoder.mean" in state
+    config = json.loads((d / pretrain_critic.CONFIG).read_text())
+    assert config["steps"] == 6 and config["obs_dim"] == state["encoder.mean"].shape[0]
+    losses = json.loads((d / "loss.json").read_text())
+    assert len(losses) == 6 and all(np.isfinite(h["calql_loss"]) for h in losses)
+    assert (d / "loss.png").stat().st_size > 1000 and crit["metrics"]["offline_transitions"] > 0
+
+
+# ----------------------------------------------------------------------------- the training loop
+@pytest.fixture(scope="module")
+def trained(probe, env, tmp_path_factory):
+    """One in-process run recording env observations/actions and every replay sample."""
+    params = validate_params(tiny(env_steps=600, probe_max_fraction=0.3))
+    renv = RecordingEnv(env)
+    trainer = make_trainer(probe, renv, params, tmp_path_factory.mktemp("loop"))
+    samples: list[tuple[int, int]] = []
+    original = ReplayBuffer.sample
+
+    def recording_sample(self, batch_size, rng):
+        samples.append((id(self), batch_size))
+        return original(self, batch_size, rng)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ReplayBuffer, "sample", recording_sample)
+        summary = trainer.run()
+    return {"trainer": trainer, "env": renv, "samples": samples, "summary": summary, "params": params}
+
+
+def test_probing_steps_never_enter_the_replay(trained):
+    trainer, renv = trained["trainer"], trained["env"]
+    log = trainer.episode_log
+    episodes = renv.training_episodes()
+    assert len(episodes) == len(log) >= 3
+    assert sum(e["probe_steps"] for e in log) > 0, "no probing happened: the test would prove nothing"
+    assert not any(e["probe_steps"] for e in log if e["warmup"])
+    expected_rows = []
+    for entry, ep in zip(log, episodes):
+        T, p = entry["length"], entry["probe_steps"]
+        assert len(ep["obs"]) == T + 1
+        if T > p:  # rows: the states from the takeover on (s_p .. s_T); s_0 .. s_{p-1} are probe states
+            expected_rows.extend(trainer.encoder(o) for o in ep["obs"][p:])
+    buf = trainer.online
+    assert buf.size == len(expected_rows) == trainer.env_steps - sum(e["probe_steps"] for e in log) + sum(e["stored_steps"] > 0 for e in log)
+    assert np.array_equal(buf.obs[:buf.size], np.stack(expected_rows))
+    assert len(buf) == sum(e["stored_steps"] for e in log)
+
+
+def test_warmup_episodes_execute_the_base_action(trained):
+    trainer, renv = trained["trainer"], trained["env"]
+    log, buf = trainer.episode_log, trainer.online
+    row = 0
+    residual_differs = []
+    for entry, ep in zip(log, renv.training_episodes()):
+        n = entry["stored_steps"]
+        if n == 0:
+            continue
+        rows = slice(row, row + n)
+        # what was stored is what the env received
+        assert np.array_equal(buf.action[rows], np.stack(ep["actions"][entry["probe_steps"]:]))
+        if entry["warmup"]:
+            assert np.array_equal(buf.action[rows], buf.base_action[rows])
+        else:
+            residual_differs.append(np.any(buf.action[rows] != buf.base_action[rows], axis=1).mean())
+        row += n + 1
+    assert log[0]["warmup"] and residual_differs and min(residual_differs) > 0.9
+
+
+def test_updates_draw_one_to_one_offline_online_batches(trained):
+    trainer, samples = trained["trainer"], trained["samples"]
+    half = trained["params"].sac.batch_size // 2
+    assert trainer.grad_steps > 100 and len(samples) == 2 * trainer.grad_steps
+    offline, online = id(trainer.offline), id(trainer.online)
+    assert samples[0::2] == [(offline, half)] * trainer.grad_steps
+    assert samples[1::2] == [(online, half)] * trainer.grad_steps
+    # no update during the warm-up episode
+    assert trainer.grad_steps <= trainer.env_steps - trainer.episode_log[0]["length"]
+
+
+def test_xi_schedule_and_curve(trained):
+    trainer, summary = trained["trainer"], trained["summary"]
+    assert xi_schedule(0, 0.1, 0.5, 200) == 0.1 and xi_schedule(100, 0.1, 0.5, 200) == pytest.approx(0.3)
+    assert xi_schedule(10_000, 0.1, 0.5, 200) == 0.5 and xi_schedule(5, 0.1, 0.5, 0) == 0.5
+    assert trainer.episode_log[0]["xi"] == pytest.approx(0.1)  # warm-up does not advance xi
+    assert summary["xi"] == pytest.approx(0.5) and summary["env_steps"] >= 600
+    assert [p["env_steps"] for p in trainer.curve] == [0, trainer.env_steps] and trainer.curve[-1]["final"]
+
+
+@pytest.mark.parametrize("ablation", ["no_base", "no_offline", "no_probe"])
+def test_ablation_switches(probe, env, tmp_path, ablation):
+    params = validate_params(tiny(ablation=ablation, env_steps=150, warmup_episodes=0))
+    base = CountingBase(noise=0.3, seed=0)
+    samples: list[int] = []
+    original = ReplayBuffer.sample
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ReplayBuffer, "sample", lambda self, n, rng: (samples.append(id(self)), original(self, n, rng))[1])
+        trainer = make_trainer(probe, env, params, tmp_path, base=base)
+        trainer.run()
+    log = trainer.episode_log
+    assert trainer.grad_steps > 0
+    if ablation == "no_base":
+        assert base.calls == 0 and not trainer.sac.cfg.use_base
+        assert not trainer.online.base_action[:trainer.online.size].any()
+        assert sum(e["probe_steps"] for e in log) == 0
+    if ablation == "no_offline":
+        assert id(trainer.offline) not in samples and samples.count(id(trainer.online)) == trainer.grad_steps
+    if ablation == "no_probe":
+        assert sum(e["probe_steps"] for e in log) == 0 and base.calls > 0
+        assert trainer.online.size == trainer.env_steps + len(log)
+
+
+# ----------------------------------------------------------------------------- resume after SIGKILL
+DRIVER = """
+import json, sys
+from pathlib import Path
+from pld_core.config import validate_params
+from tasks import train_residual
+params = validate_params(json.loads(sys.argv[1]))
+train_residual.run(params, Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), show_progress=False)
+"""
+
+
+def test_train_residual_resumes_after_sigkill(probe, env, tmp_path):
+    raw = tiny()
+    params = validate_params(raw)
+    root = probe["root"]
+    out = tmp_path / "residual"
+    ckpt_root = tmp_dir_for(out) / "checkpoints"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = [sys.executable, str(driver), json.dumps(raw), str(out), BASE, str(root / "offline"), str(root / "critic_init")]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while not list(ckpt_root.glob("step_*/state.json")):
+            assert proc.poll() is None, f"train_residual exited before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert read_manifest(out) is None and not out.exists()
+    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
+    assert len(done) == 1
+    killed_state = json.loads((done[0] / "state.json").read_text())
+    step = killed_state["env_steps"]
+    assert 150 <= step < 500
+
+    manifest = train_residual.run(params, out, BASE, root / "offline", root / "critic_init", show_progress=False)
+    m = manifest["metrics"]
+    assert m["resumed_from"] == [step], "did not resume from the checkpoint"
+    assert m["env_steps"] >= 500 and m["episodes"] > killed_state["episodes"]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log[:len(killed_state["episode_log"])] == killed_state["episode_log"]
+    assert [e["episode"] for e in log] == list(range(len(log)))
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["points"][0] == killed_state["curve"][0] and curve["points"][-1]["final"]
+    for name in ("residual.safetensors", "config.json", "curve.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert not tmp_dir_for(out).exists()
+    # fresh: a rerun is skipped
+    assert train_residual.run(params, out, BASE, root / "offline", root / "critic_init", show_progress=False)["finished_at"] == manifest["finished_at"]
+
+    # the saved specialist: base action + xi * tanh(mean) of the trained actor, clipped
+    policy = load_residual(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["base"] == BASE and cfg["task"] == TASK and policy.sac.xi == pytest.approx(0.5)
+    obs = env.reset(3, seed=0)
+    policy.reset(env)
+    a_b = policy.base_act(obs)
+    x = torch.as_tensor(policy.encoder(obs))[None]
+    with torch.no_grad():
+        delta = torch.tanh(policy.sac.actor(x, torch.as_tensor(a_b)[None])[0])[0].numpy()
+    assert np.allclose(policy.residual_action(obs, a_b), np.clip(a_b + 0.5 * delta, -1, 1), atol=1e-6)
+
+
+def test_user_errors_name_the_fix(probe, tmp_path):
+    root = probe["root"]
+    with pytest.raises(PLDError, match="residual.encoder"):
+        train_residual.run(validate_params(tiny(encoder="image")), tmp_path / "r", BASE, root / "offline", root / "critic_init")
+    with pytest.raises(PLDError, match="pretrain_critic"):
+        train_residual.run(validate_params(tiny()), tmp_path / "r", BASE, root / "offline", None)
+    with pytest.raises(PLDError, match="collect_offline"):
+        pretrain_critic.run(validate_params(tiny()), tmp_path / "c", tmp_path / "missing")
+    with pytest.raises(PLDError, match="not a residual specialist"):
+        load_residual(root / "critic_init")
