@@ -226,7 +226,27 @@ def _exact_numeric_stats(ds, keys: list[str]) -> dict[str, dict[str, np.ndarray]
     return out
 
 
-def augment_quantiles(root: Path, repo_id: str | None = None) -> dict:
+MIN_STD = 1e-2
+
+
+def floor_spread(ft_stats: dict, min_std: float = MIN_STD) -> None:
+    """Give near-constant features a minimum spread, in place.
+
+    A feature that never moves in the data (the basket's height while it rests) has std 0, and
+    LeRobot's normalizer divides by ``std + 1e-8``: at run time a 1e-6 m nudge of the basket becomes
+    an input of 100 and the policy's actions go wild exactly when the object touches the basket.
+    Flooring std (and the quantile/min-max ranges) at ``min_std`` keeps such inputs near 0.
+    """
+    std = np.asarray(ft_stats["std"], dtype=np.float64)
+    ft_stats["std"] = np.maximum(std, min_std)
+    for lo_key, hi_key in (("min", "max"), ("q01", "q99"), ("q10", "q90")):
+        if lo_key in ft_stats and hi_key in ft_stats:
+            lo, hi = np.asarray(ft_stats[lo_key], np.float64), np.asarray(ft_stats[hi_key], np.float64)
+            mid, half = (lo + hi) / 2, np.maximum((hi - lo) / 2, min_std)
+            ft_stats[lo_key], ft_stats[hi_key] = mid - half, mid + half
+
+
+def augment_quantiles(root: Path, repo_id: str | None = None, min_std: float = MIN_STD) -> dict:
     """Compute q01/q10/q50/q90/q99 for every feature and write them to ``root/meta/stats.json``.
 
     Uses LeRobot's ``compute_quantile_stats_for_dataset`` (per episode, then aggregated) and
@@ -255,6 +275,9 @@ def augment_quantiles(root: Path, repo_id: str | None = None) -> dict:
     numeric = [k for k, ft in ds.features.items()
                if ft["dtype"] in ("float32", "float64") and k in stats]
     stats.update(_exact_numeric_stats(ds, numeric))
+    for key in numeric:
+        if key.startswith("observation.") or key == ACTION_FEATURE:
+            floor_spread(stats[key], min_std)
     old = load_stats(root) or {}
     for key, ft_stats in old.items():  # keep features LeRobot's augmenter skips
         stats.setdefault(key, ft_stats)

@@ -61,7 +61,9 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state: int, seed: int = 0, 
         action = np.asarray(policy.act(obs), dtype=np.float32)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         if rec is not None:
-            rec.add(obs, action, action, action, reward, terminated)
+            # a policy may name a label other than what it executed (the scripted expert's clean action)
+            label = np.asarray(getattr(policy, "last_label", action), dtype=np.float32)
+            rec.add(obs, action, action, label, reward, terminated)
         obs = next_obs
         if terminated or truncated:
             success = terminated

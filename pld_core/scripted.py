@@ -121,6 +121,11 @@ class ScriptedExpert:
             a = self._move(eef, np.array([*self.place_xy, self.release_z + 0.1]), -1.0)
             if self.count < 5:
                 a[:3] = 0.0
+        a = np.clip(a, -1.0, 1.0)
+        # DART-style demonstrations: the executed action is perturbed, the label stays the clean
+        # expert action, so a policy cloned from them sees (and learns to leave) off-path states.
+        self.last_label = a.copy()
         if self.noise > 0:
-            a[:6] += self.noise * self.rng.standard_normal(6).astype(np.float32)
+            a = a.copy()
+            a[:3] += self.noise * self.rng.standard_normal(3).astype(np.float32)
         return np.clip(a, -1.0, 1.0)

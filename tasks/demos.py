@@ -18,4 +18,4 @@ def run(params: Params, out_dir: Path, force: bool = False) -> dict:
                             image_size=e.image_size, max_objects=e.max_objects, noise=d.noise, seed=d.seed,
                             gamma=params.sac.gamma)
 
-    return run_stage("demos", out_dir, used, {}, build, force=force)
+    return run_stage("demos", out_dir, used, {}, build, resume=True, force=force)  # the store tops itself up
