@@ -131,15 +131,17 @@ def bootstrap_flow(params: Params, root: str | None = None) -> dict:
     layout = Layout.of(params, Path(root))
     with mlflow.start_run(run_name="base-v0", tags={"pld.iteration": "bootstrap", "pld.profile": params.profile}) as parent:
         out = {}
-        names = ("evaluate_v0",) if params.base.path else ("demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0")
+        names = ("base_v0", "evaluate_v0") if params.base.path else ("demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0")
         for name in names:
             out[name] = stage.submit(name, params, root, 0, None, parent.info.run_id).result()
         rate = out["evaluate_v0"]["metrics"]["success_rate"]
         mlflow.log_metric("base_success_rate", rate)
         digest = out["base_v0_dataset"]["output_digest"] if "base_v0_dataset" in out else None
-        ckpt = base_checkpoint(params, layout, 0)
-        if Path(ckpt).exists():
-            out["registered_version"] = lineage.register_base(client, params.mlflow.model_name, 0, Path(ckpt), parent.info.run_id,
+        ckpt = Path(base_checkpoint(params, layout, 0))
+        if not ckpt.is_dir():  # a hub id or a scripted controller: register the adopted spec (base.json)
+            ckpt = layout.base(0)
+        if ckpt.is_dir():
+            out["registered_version"] = lineage.register_base(client, params.mlflow.model_name, 0, ckpt, parent.info.run_id,
                                                               parent=None, dataset_digest=digest, specialist_runs=[], success_rate=rate)
     return out
 

@@ -34,6 +34,19 @@ def output_dir(name: str, layout: Layout, params: Params, k: int = 0, task: int 
     }[name]()
 
 
+def adopt_base(params: Params, out: Path) -> dict:
+    """base.path set: base v0 is the user's checkpoint, hub id or scripted controller; record it."""
+    import json
+
+    from tasks.common import run_stage
+
+    def build(tmp: Path) -> dict:
+        (tmp / "base.json").write_text(json.dumps({"spec": params.base.path}))
+        return {"adopted": params.base.path}
+
+    return run_stage("base_v0", out, {"base_path": params.base.path}, {}, build)
+
+
 def call_stage(name: str, params: Params, k: int = 0, task: int | None = None, force: bool = False, layout: Layout | None = None) -> dict:
     if name not in ALL_STAGES:
         raise PLDError(f"unknown stage '{name}'. Fix: use one of {list(ALL_STAGES)}")
@@ -57,7 +70,7 @@ def call_stage(name: str, params: Params, k: int = 0, task: int | None = None, f
         from tasks import sft
         b = params.base
         if b.path:
-            raise PLDError(f"base.path is set ({b.path}): base v0 is that checkpoint, nothing to train. Fix: unset base.path to train v0 from demos")
+            return adopt_base(params, out)
         return sft.run(params, out, output_dir("base_v0_dataset", layout, params), init=dict(b.policy),
                        steps=b.steps, batch_size=b.batch_size, lr=b.lr, force=force)
     if name in ("evaluate_v0", "evaluate"):
@@ -90,6 +103,9 @@ def call_stage(name: str, params: Params, k: int = 0, task: int | None = None, f
         from tasks import augment_quantiles
         return augment_quantiles.run(params, out, layout.dataset_raw(k), force=force)
     if name == "sft":
+        from pld_core.policies import is_scripted
         from tasks import sft
-        return sft.run(params, out, layout.dataset(k), init=base, init_digest=bdig, force=force)
+        # a LeRobot base is fine-tuned; a scripted base is distilled into a new LeRobot policy (base.policy)
+        init = dict(params.base.policy) if is_scripted(base) else base
+        return sft.run(params, out, layout.dataset(k), init=init, init_digest=bdig, force=force)
     raise AssertionError(name)
