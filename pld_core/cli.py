@@ -101,7 +101,8 @@ def cmd_bench(args) -> int:
 
         params = load_params(args.params, args.profile, parse_overrides(args.set or []))
         out = Path(args.out or f"bench/results/specialist-{args.suite}-{args.task}" + ("" if args.ablation == "none" else f"-{args.ablation}"))
-        result = bench_specialist(params, args.suite, args.task, args.ablation, out)
+        base = args.base or params.base.path or "data/base_v0/pretrained_model"
+        result = bench_specialist(params, args.suite, args.task, args.ablation, out, base=base)
         print(json.dumps(result))
         return 0
     raise PLDError(f"unknown benchmark '{args.bench}'")
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--params", default="params.yaml")
     b.add_argument("--profile", default=None)
     b.add_argument("--set", action="append", help="override a param: --set residual.env_steps=50000")
+    b.add_argument("--base", default=None, help="base policy for `specialist` (default: base.path or data/base_v0/pretrained_model)")
     b.add_argument("--out")
     b.set_defaults(func=cmd_bench)
     def params_args(sp):

@@ -56,7 +56,7 @@ def record_demos(out: Path, suite: str, tasks: list[int], episodes: int, mode: s
                 if attempts >= 3 * episodes + 10:
                     raise PLDError(f"scripted expert reached only {have}/{episodes} successes on {suite} task {task} in {attempts} attempts. Fix: lower demo.noise or pick another task")
                 init = next_init % env.n_init_states
-                ok, _, ep = run_episode(env, expert, init_state=init, seed=seed + next_init, record=True, gamma=gamma)
+                ok, _, ep = run_episode(env, expert, init_state=init, seed=seed + next_init, record=True, gamma=gamma, clean_labels=True)
                 next_init += 1
                 attempts += 1
                 if ok:

@@ -51,8 +51,13 @@ class EpisodeRecorder:
         return Episode(steps=steps, **meta)
 
 
-def run_episode(env: LiberoEnv, policy: Policy, init_state: int, seed: int = 0, record: bool = False, gamma: float = 0.99):
-    """Roll ``policy`` out once from a fixed initial state. Returns (success, length, Episode | None)."""
+def run_episode(env: LiberoEnv, policy: Policy, init_state: int, seed: int = 0, record: bool = False, gamma: float = 0.99,
+                clean_labels: bool = False):
+    """Roll ``policy`` out once from a fixed initial state. Returns (success, length, Episode | None).
+
+    ``clean_labels``: label each step with the policy's ``last_label`` (the scripted expert's action
+    before its DART perturbation) instead of the executed action; used for demonstrations.
+    """
     obs = env.reset(init_state, seed=seed)
     policy.reset(env)
     rec = EpisodeRecorder() if record else None
@@ -61,8 +66,7 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state: int, seed: int = 0, 
         action = np.asarray(policy.act(obs), dtype=np.float32)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         if rec is not None:
-            # a policy may name a label other than what it executed (the scripted expert's clean action)
-            label = np.asarray(getattr(policy, "last_label", action), dtype=np.float32)
+            label = np.asarray(policy.last_label if clean_labels else action, dtype=np.float32)
             rec.add(obs, action, action, label, reward, terminated)
         obs = next_obs
         if terminated or truncated:

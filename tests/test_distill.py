@@ -411,3 +411,17 @@ def test_load_hub_id_fails_fast_offline(tmp_path, monkeypatch):
     with pytest.raises(PLDError, match="lerobot/pi05_libero"):
         BasePolicy.load("lerobot/pi05_libero", "images")
     assert time.time() - t0 < 30
+
+
+def test_sft_lora_merges_adapter_into_a_full_checkpoint(tiny_ckpt, datasets, tmp_path):
+    # rank-4 LoRA on ACT's feed-forward layers (ACT has no default PEFT targets); pi0.5 uses r=32
+    new = sft(datasets["state"], "local/ds_state", tmp_path / "lora_v1", tiny_ckpt, steps=3, batch_size=4, lr=1e-2, seed=0,
+              num_threads=1, lora={"r": 4, "lora_alpha": 8, "target_modules": r".*\.linear[12]"})
+    assert (new / "lora_adapter").is_dir()
+    old_w, new_w = load_file(tiny_ckpt / "model.safetensors"), load_file(new / "model.safetensors")
+    assert old_w.keys() == new_w.keys()  # merged back: same parameter names as the base, no lora_A/B
+    changed = [k for k in old_w if not torch.equal(old_w[k], new_w[k])]
+    assert changed and all("linear" in k for k in changed), changed  # only the targeted layers moved
+    bp = BasePolicy.load(new, "state", env_state_dim=ENV_DIM)
+    bp.reset(TASKS[0])
+    assert bp.act({"state": np.zeros(8, np.float32), "env_state": np.zeros(ENV_DIM, np.float32)}).shape == (7,)

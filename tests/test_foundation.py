@@ -265,3 +265,14 @@ def test_killed_demo_leaves_only_complete_episodes(tmp_path):
     assert r.returncode == 0, r.stderr
     t = TrajectoryStore.open(out).episode_table()
     assert len(t) == 6 and t.init_state.is_unique
+
+
+def test_dart_demos_label_the_clean_expert_action(tmp_path):
+    from pld_core.demos import record_demos
+
+    record_demos(tmp_path / "d.zarr", "libero_object", [2], 1, noise=0.3, show_progress=False)
+    ep = TrajectoryStore.open(tmp_path / "d.zarr").episodes()[0]
+    a, label = ep.steps["action"], ep.steps["label_action"]
+    assert np.abs(a[:, :3] - label[:, :3]).mean() > 0.05  # executed: perturbed translation
+    np.testing.assert_array_equal(a[:, 3:], label[:, 3:])  # rotation and gripper untouched
+    assert np.abs(label).max() <= 1.0
