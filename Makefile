@@ -1,6 +1,6 @@
 # PLD flywheel. `make flywheel` runs the main job, `make test` the tests; both set up first.
 SHELL := /bin/bash
-PY312 ?= $(shell command -v python3.12 2>/dev/null || echo $$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12)
+PY312 ?= $(shell for p in "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12" $$(command -v python3.12); do "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PKGS := libosmesa6 libegl1 libegl-mesa0 libgl1-mesa-dri libavutil57 libavcodec59 libavformat59 libavdevice59 libavfilter8 libswscale6 libswresample4
@@ -25,7 +25,7 @@ apt:
 	fi
 
 $(VENV)/.installed: pyproject.toml
-	@test -x "$(PY312)" || { echo "Python 3.12 not found (LeRobot 0.6 needs it): set PY312=/path/to/python3.12"; exit 2; }
+	@test -n "$(PY312)" && test -x "$(PY312)" || { echo "Python 3.12 not found (LeRobot 0.6 needs it): set PY312=/path/to/python3.12"; exit 2; }
 	@test -x $(PY) || $(PY312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
