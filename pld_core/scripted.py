@@ -116,13 +116,19 @@ class ScriptedExpert:
             if np.linalg.norm(eef[:2] - self.place_xy) < 0.015 or self.count > 80:
                 self.phase, self.count = "lower", 0
         elif p == "lower":
-            a = self._move(eef, np.array([*self.place_xy, self.release_z]), 1.0)
-            if eef[2] < self.release_z + 0.01 or self.count > 40:
+            # aim below the release height so the arm crosses it at speed: few "still lowering"
+            # frames lie next to the "open" frames, and a cloned policy sees a sharp switch
+            a = self._move(eef, np.array([*self.place_xy, self.release_z - 0.04]), 1.0)
+            if eef[2] < self.release_z or self.count > 40:
                 self.phase, self.count = "release", 0
-        else:  # release, then back off upwards
+        elif p == "release":
+            # hold still and open until the fingers are observably open (not a hidden timer)
+            a = self._move(eef, eef, -1.0)
+            fingers = self.env.raw_obs["robot0_gripper_qpos"]
+            if fingers[0] - fingers[1] > 0.075 or self.count > 20:
+                self.phase, self.count = "retreat", 0
+        else:  # retreat upwards, open
             a = self._move(eef, np.array([*self.place_xy, self.release_z + 0.1]), -1.0)
-            if self.count < 5:
-                a[:3] = 0.0
         a = np.clip(a, -1.0, 1.0)
         # DART-style demonstrations: the executed action is perturbed, the label stays the clean
         # expert action, so a policy cloned from them sees (and learns to leave) off-path states.
