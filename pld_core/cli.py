@@ -1,11 +1,14 @@
 """`pld`: the command line of the PLD flywheel.
 
-Every user-caused error (a PLDError) is printed as one line ``error: ...`` and exits with code 2.
+Every user-caused error (a PLDError, or a full disk: OSError ENOSPC) is printed as one line
+``error: ...`` and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -56,7 +59,7 @@ def cmd_eval(args) -> int:
     validate_policy_spec(args.policy)
     tasks = parse_tasks(args.tasks, args.suite)
     if args.episodes <= 0:
-        raise PLDError(f"--episodes must be positive, got {args.episodes}")
+        raise PLDError(f"--episodes must be positive, got {args.episodes}. Fix: pass --episodes 1 or more")
     factory = make_policy_factory(args.policy, mode=args.mode, device=args.device, seed=args.seed)
     report = evaluate(factory, args.suite, tasks, args.episodes, mode=args.mode, max_objects=args.max_objects,
                       image_size=args.image_size, seed=args.seed, show_progress=not args.json)
@@ -103,6 +106,40 @@ def cmd_bench(args) -> int:
         out = Path(args.out or f"bench/results/specialist-{args.suite}-{args.task}" + ("" if args.ablation == "none" else f"-{args.ablation}"))
         base = args.base or params.base.path or "data/base_v0/pretrained_model"
         result = bench_specialist(params, args.suite, args.task, args.ablation, out, base=base)
+        print(json.dumps(result))
+        return 0
+    if args.bench == "faults":
+        from pld_core.config import load_params, parse_overrides
+        from pld_core.faults import run_faults
+
+        profile = args.profile or "smoke"
+        params = load_params(args.params, profile, parse_overrides(args.set or []))
+        root = Path(args.root or Path(params.flywheel.data_dir) / "faults")
+        out = Path(args.out or "bench/results/faults.json")
+        summary = run_faults(params, args.params, profile, args.trials, root, seed=args.seed, out_json=out,
+                             reuse_reference=args.reuse_reference,
+                             only=[x for x in (args.stages or "").split(",") if x])
+        print(json.dumps(summary))
+        return 0 if summary["lost"] == 0 else 1
+    if args.bench in ("loop", "replay", "collect"):
+        from pld_core import perfbench
+        from pld_core.config import load_params, parse_overrides
+
+        if args.seconds is not None and args.seconds <= 0:
+            raise PLDError(f"--seconds must be positive, got {args.seconds}")
+        params = load_params(args.params, args.profile, parse_overrides(args.set or []))
+        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+        if args.bench == "loop":
+            result = perfbench.bench_loop(params, seconds=args.seconds or 60.0, suite=args.suite, task=args.task, base=args.base, log=log)
+        elif args.bench == "replay":
+            result = perfbench.bench_replay(params, seconds=args.seconds or 20.0, suite=args.suite)
+        else:
+            result = perfbench.bench_collect(params, workers=args.workers, episodes=args.episodes, suite=args.suite, task=args.task,
+                                             base=args.base, log=log)
+        result["machine"] = f"{os.cpu_count()} cores"
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result))
         return 0
     raise PLDError(f"unknown benchmark '{args.bench}'")
@@ -166,6 +203,25 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_repro(args) -> int:
+    from pld_core.config import load_params
+    from pld_core.dvcutil import dvc_repro, require_dvc_repo, require_pipeline
+
+    root = Path.cwd()
+    require_dvc_repo(root)
+    require_pipeline(root)
+    params = _params(args)  # a bad params.yaml fails here, before DVC runs any stage
+    top = load_params(args.params)
+    if params.model_dump(exclude={"profile"}) != top.model_dump(exclude={"profile"}):
+        resolve = f"pld params --params {args.params}" + (f" --profile {args.profile}" if args.profile else "")
+        resolve += "".join(f" --set {item}" for item in args.set or [])
+        raise PLDError(f"{args.params}: dvc.yaml's stages read its top level, which differs from what "
+                       f"--profile/--set resolve to. Fix: write the resolved params into {args.params} first "
+                       f"(`{resolve} > resolved.yaml && mv resolved.yaml {args.params}`), "
+                       "then run `pld repro` without --profile/--set")
+    return dvc_repro(root, args.targets)
+
+
 def cmd_serve(args) -> int:
     from flows.serve import serve
 
@@ -207,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_store)
 
     b = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
-    b.add_argument("bench", choices=["expert", "specialist"])
+    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect"])
     b.add_argument("--suite", default="libero_object")
     b.add_argument("--tasks", default="all")
     b.add_argument("--task", type=int, default=0)
@@ -216,8 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--params", default="params.yaml")
     b.add_argument("--profile", default=None)
     b.add_argument("--set", action="append", help="override a param: --set residual.env_steps=50000")
-    b.add_argument("--base", default=None, help="base policy for `specialist` (default: base.path or data/base_v0/pretrained_model)")
+    b.add_argument("--base", default=None, help="base policy for `specialist` (default: base.path or data/base_v0/pretrained_model); "
+                   "for `loop`/`collect` (default: scripted:noise=0.6)")
     b.add_argument("--out")
+    b.add_argument("--trials", type=int, default=20, help="`faults`: kill-and-rerun trials (stages round-robin)")
+    b.add_argument("--root", default=None, help="`faults`: scratch dir (default <data_dir>/faults)")
+    b.add_argument("--seed", type=int, default=0, help="`faults`: seed of the kill moments")
+    b.add_argument("--seconds", type=float, default=None,
+                   help="`loop`: seconds per measurement (default 60); `replay`: in all (default 20)")
+    b.add_argument("--workers", type=int, default=2, help="`collect`: simulator worker processes (compared with 1)")
+    b.add_argument("--stages", default=None, help="`faults`: comma-separated stages to kill (default: all of the profile's)")
+    b.add_argument("--reuse-reference", action="store_true", help="`faults`: keep a complete never-killed run from a previous call")
     b.set_defaults(func=cmd_bench)
     def params_args(sp):
         sp.add_argument("--params", default="params.yaml")
@@ -247,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     params_args(pa_)
     pa_.set_defaults(func=cmd_params)
 
+    rp = sub.add_parser("repro", help="`dvc repro` of dvc.yaml, after checking the DVC repository and params.yaml")
+    rp.add_argument("targets", nargs="*", help="dvc.yaml stages to reproduce (default: all)")
+    params_args(rp)
+    rp.set_defaults(func=cmd_repro)
+
     se = sub.add_parser("serve", help="a scheduled deployment of the flywheel on a Prefect server")
     se.add_argument("--cron", required=True, help='e.g. "0 2 * * *" (02:00 every day)')
     se.add_argument("--name", default="pld-flywheel")
@@ -262,9 +332,27 @@ def main(argv: list[str] | None = None) -> int:
     except PLDError as e:
         print(f"error: {e}", file=sys.stderr)
         return PLDError.EXIT_CODE
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"error: {_no_space_message(e, args)}", file=sys.stderr)
+        return PLDError.EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _no_space_message(e: OSError, args) -> str:
+    """A full disk is the user's to fix: name the file (or the output being written) and the fix.
+    Writers leave nothing half-written behind (atomic dirs, stores committed episode by episode)."""
+    target = getattr(args, "out", None)
+    if not target and hasattr(args, "params"):
+        with contextlib.suppress(Exception):
+            target = _params(args).flywheel.data_dir
+    where = e.filename or target or "an output file"
+    writing = f" while writing {target}" if target and e.filename else ""
+    return (f"{where}: no space left on device{writing}. Fix: free space on that filesystem, or point "
+            "flywheel.data_dir (or --out) elsewhere; a rerun keeps what was completed")
 
 
 if __name__ == "__main__":

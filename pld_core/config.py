@@ -97,6 +97,11 @@ class ResidualParams(Section):
     encoder: Literal["state", "image"] = "state"  # residual/critic input; "image" (frozen image encoder) is not built yet
     offline_fraction: float = Field(0.5, ge=0, le=1)  # share of each batch from the offline buffer (RLPD: 0.5)
     torch_threads: int | None = Field(1, ge=1)  # CPU threads for torch (1 is fastest for these small nets); null = torch default
+    # sync: one process, updates between env steps (bit-reproducible under the seed);
+    # async: a learner process beside the actor (SERL-style), env steps at the simulator's speed
+    mode: Literal["sync", "async"] = "async"
+    sync_every: int = Field(50, ge=1)  # async: the actor loads the learner's newest actor weights every N env steps
+    learner_nice: int = Field(5, ge=0, le=19)  # async: the learner's CPU niceness (the actor, on the critical path, wins a busy CPU)
 
 
 class CollectParams(Section):
@@ -123,6 +128,9 @@ class FlywheelParams(Section):
     task_runner: Literal["threads", "dask", "ray", "sequential"] = "sequential"
     max_workers: int = Field(1, gt=0)
     seed: int = Field(0, ge=0)
+    # simulators run at once (worker processes) by collect_offline, collect_pld and evaluate; 1 = in-process.
+    # Results do not depend on it (every episode is a function of its task, initial state and seed).
+    collect_workers: int = Field(2, ge=1)
 
 
 class MLflowParams(Section):

@@ -27,9 +27,13 @@ def open_or_create(out: Path, env: LiberoEnv, extra_attrs: dict | None = None) -
         return store
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    TrajectoryStore.create(tmp, env.obs_shapes(), suite=env.suite, task_names=task_names(env.suite), extra_attrs=extra_attrs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        TrajectoryStore.create(tmp, env.obs_shapes(), suite=env.suite, task_names=task_names(env.suite), extra_attrs=extra_attrs)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:  # e.g. a full disk: leave no half-created store behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return TrajectoryStore.open(out, mode="a")
 
 
@@ -37,7 +41,7 @@ def record_demos(out: Path, suite: str, tasks: list[int], episodes: int, mode: s
                  max_objects: int = 3, noise: float = 0.0, seed: int = 0, gamma: float = 0.99, show_progress: bool = True) -> dict:
     """Record ``episodes`` successful scripted episodes per task; a rerun tops up what is missing."""
     if episodes <= 0:
-        raise PLDError(f"--episodes must be positive, got {episodes}")
+        raise PLDError(f"--episodes must be positive, got {episodes}. Fix: pass --episodes 1 or more")
     store = None
     attempts_total = 0
     with Progress(transient=True, disable=not show_progress) as progress:

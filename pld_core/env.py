@@ -11,7 +11,9 @@ Two observation modes:
   flipped 180 degrees as in LeRobot's LIBERO datasets.
 
 Each episode starts from one of the suite's fixed initial states, then sends the usual 10 settle
-steps (objects are not at rest in the stored states). Reward is 1 and the episode terminates on
+steps (objects are not at rest in the stored states). Nothing carries over from the previous
+episode (robosuite's gripper command ramp is reset too), so an episode depends only on its initial
+state, its seed and the policy: episodes can run in any order, in any process. Reward is 1 and the episode terminates on
 success; it is truncated after the suite's usual step limit (counted after settling).
 """
 
@@ -98,13 +100,41 @@ def quat_to_axis_angle(q_xyzw: np.ndarray) -> np.ndarray:
     return (q[:3] * 2.0 * np.arccos(w) / den).astype(np.float32)
 
 
+def obs_shapes(suite: str, mode: str = "state", image_size: int = 128, max_objects: int = 3) -> dict[str, tuple[int, ...]]:
+    """Store array shapes of an env's observations (no simulator needed)."""
+    shapes = {"obs_state": (8,), "obs_env_state": (env_state_dim(suite, max_objects),)}
+    if mode == "images":
+        shapes.update(obs_image=(image_size, image_size, 3), obs_wrist_image=(image_size, image_size, 3))
+    return shapes
+
+
 @dataclass(frozen=True)
 class EnvSpec:
+    """What a :class:`LiberoEnv` is built from (picklable: worker processes build their own env)."""
+
     suite: str
     task: int
     mode: str = "state"
     image_size: int = 128
     max_objects: int = 3
+
+    def make(self, max_steps: int | None = None) -> "LiberoEnv":
+        return LiberoEnv(self.suite, self.task, mode=self.mode, image_size=self.image_size, max_objects=self.max_objects, max_steps=max_steps)
+
+    def obs_shapes(self) -> dict[str, tuple[int, ...]]:
+        return obs_shapes(self.suite, self.mode, self.image_size, self.max_objects)
+
+    @property
+    def max_steps(self) -> int:
+        return SUITE_MAX_STEPS[self.suite]
+
+    @property
+    def n_init_states(self) -> int:
+        return len(init_states(self.suite, self.task))
+
+    @property
+    def language(self) -> str:
+        return task_names(self.suite)[self.task]
 
 
 class LiberoEnv:
@@ -145,6 +175,7 @@ class LiberoEnv:
         self._init_states = init_states(suite, task)
         self.t = 0
         self.raw_obs: dict = {}
+        self.episode_seed = 0  # the seed of the last reset (policies derive per-episode randomness from it)
 
     @property
     def n_init_states(self) -> int:
@@ -168,13 +199,25 @@ class LiberoEnv:
             raise PLDError(f"initial state {init_state} out of range for {self.suite} task {self.task} ({self.n_init_states} states). Fix: use 0..{self.n_init_states - 1}")
         self._env.seed(seed)
         self._env.reset()
+        self._reset_gripper_state()
         self._env.set_init_state(self._init_states[init_state])
+        self.episode_seed = int(seed)
         raw = None
         for _ in range(SETTLE_STEPS):
             raw, _, _, _ = self._env.step(SETTLE_ACTION)
         self.t = 0
         self.raw_obs = raw
         return self._observe(raw)
+
+    def _reset_gripper_state(self) -> None:
+        """robosuite's soft reset keeps each gripper's ramped command (``current_action``) from the
+        previous episode, so an episode depended on the one before it in the same env. Reset it to
+        its value in a fresh env: an episode is then a function of (initial state, seed, policy)
+        alone, whichever env or worker process runs it."""
+        for robot in getattr(self.inner, "robots", ()):
+            for gripper in (robot.gripper.values() if isinstance(robot.gripper, dict) else [robot.gripper]):
+                if hasattr(gripper, "current_action"):
+                    gripper.current_action = np.zeros_like(gripper.current_action)
 
     def step(self, action: np.ndarray):
         action = np.asarray(action, dtype=np.float64)
@@ -204,11 +247,7 @@ class LiberoEnv:
 
     def obs_shapes(self) -> dict[str, tuple[int, ...]]:
         """Store array shapes for this env's observations."""
-        shapes = {"obs_state": (8,), "obs_env_state": (self.env_state_dim,)}
-        if self.mode == "images":
-            s = self.spec.image_size
-            shapes.update(obs_image=(s, s, 3), obs_wrist_image=(s, s, 3))
-        return shapes
+        return self.spec.obs_shapes()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -7,8 +7,9 @@ from typing import Callable
 
 from rich.progress import Progress
 
-from pld_core.env import LiberoEnv, check_task, init_states
-from pld_core.rollout import Policy, run_episode
+from pld_core.env import EnvSpec, LiberoEnv, check_task, init_states, task_names
+from pld_core.parallel import EpisodePool, outcome_episode
+from pld_core.rollout import Policy
 from pld_core.stats import success_summary, wilson_interval
 
 
@@ -22,8 +23,13 @@ def evaluate(
     image_size: int = 128,
     seed: int = 0,
     show_progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Roll out on initial states 0..episodes-1 of each task (wrapping past the suite's 50).
+
+    Episode k of a task uses initial state k mod 50 and seed ``seed + k``. ``workers > 1`` plays
+    them in that many simulator processes (``make_policy`` must be picklable, e.g. a
+    :class:`pld_core.policies.PolicyFactory`); the report is the same.
 
     Returns ``{"tasks": {"<suite>/<i>": {success_rate, ci95, episodes, ...}}, "mean": x, ...}``.
     """
@@ -32,25 +38,23 @@ def evaluate(
     report: dict = {"suite": suite, "tasks": {}}
     total_s = total_n = 0
     t0 = time.time()
-    with Progress(transient=True, disable=not show_progress) as progress:
-        bar = progress.add_task(f"eval {suite}", total=len(tasks) * episodes)
-        for task in tasks:
-            env = LiberoEnv(suite, task, mode=mode, image_size=image_size, max_objects=max_objects)
-            policy = make_policy(env)
-            n_init = len(init_states(suite, task))
-            outcomes, lengths = [], []
-            for k in range(episodes):
-                ok, length, _ = run_episode(env, policy, init_state=k % n_init, seed=seed + k)
-                outcomes.append(ok)
-                lengths.append(length)
-                progress.advance(bar)
-            env.close()
-            summary = success_summary(outcomes)
-            summary["mean_length"] = round(sum(lengths) / len(lengths), 1)
-            summary["language"] = env.language
-            report["tasks"][f"{suite}/{task}"] = summary
-            total_s += summary["successes"]
-            total_n += len(outcomes)
+    results: dict[int, list[tuple[bool, int]]] = {t: [] for t in tasks}
+    jobs = [(task, (k % len(init_states(suite, task)), seed + k)) for task in tasks for k in range(episodes)]
+    spec = EnvSpec(suite, tasks[0] if tasks else 0, mode=mode, image_size=image_size, max_objects=max_objects)
+    with EpisodePool(spec, make_policy, workers) as pool, Progress(transient=True, disable=not show_progress) as progress:
+        bar = progress.add_task(f"eval {suite}", total=len(jobs))
+        for (task, _), outcome in zip(jobs, pool.imap(outcome_episode, jobs)):
+            results[task].append(outcome)
+            progress.advance(bar)
+    for task in tasks:
+        outcomes = [ok for ok, _ in results[task]]
+        lengths = [length for _, length in results[task]]
+        summary = success_summary(outcomes)
+        summary["mean_length"] = round(sum(lengths) / len(lengths), 1)
+        summary["language"] = task_names(suite)[task]
+        report["tasks"][f"{suite}/{task}"] = summary
+        total_s += summary["successes"]
+        total_n += len(outcomes)
     rates = [v["success_rate"] for v in report["tasks"].values()]
     report["mean"] = sum(rates) / len(rates) if rates else 0.0
     lo, hi = wilson_interval(total_s, total_n)

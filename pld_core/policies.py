@@ -46,19 +46,47 @@ def is_scripted(spec: str) -> bool:
     return spec == "scripted" or spec.startswith("scripted:")
 
 
-def make_policy_factory(spec: str, mode: str = "state", device: str = "cpu", seed: int = 0):
-    """Return ``make(env) -> policy``. Checkpoints are loaded (and validated) once, before any rollout."""
-    if is_scripted(spec):
-        opts = parse_scripted(spec)
-        return lambda env: ScriptedExpert(seed=seed + env.task, **opts)
-    cache: dict = {}
+class EpisodeSeededExpert(ScriptedExpert):
+    """The scripted expert whose noise stream restarts at every episode from (its seed, the episode's seed).
 
-    def make(env: LiberoEnv):
-        if "policy" not in cache:
-            cache["policy"] = LeRobotBase(spec, mode, env.env_state_dim, device)
-        return cache["policy"]
+    An episode's actions then depend only on the episode (initial state, env seed), not on which
+    episodes the same object played before: episodes can run in parallel worker processes, in any
+    order, and give the same trajectories as one process playing them in turn.
+    """
 
-    return make
+    def __init__(self, noise: float = 0.0, seed: int = 0):
+        super().__init__(noise=noise, seed=seed)
+        self.seed = int(seed)
+
+    def reset(self, env: LiberoEnv) -> None:
+        self.rng = np.random.default_rng([self.seed, int(getattr(env, "episode_seed", 0))])
+        super().reset(env)
+
+
+class PolicyFactory:
+    """``factory(env) -> policy`` for a spec; picklable (worker processes build their own policy).
+
+    A LeRobot checkpoint is loaded once per process and shared by every env of that process.
+    """
+
+    def __init__(self, spec: str, mode: str = "state", device: str = "cpu", seed: int = 0):
+        self.spec, self.mode, self.device, self.seed = spec, mode, device, seed
+        self._policy = None
+
+    def __call__(self, env: LiberoEnv):
+        if is_scripted(self.spec):
+            return EpisodeSeededExpert(seed=self.seed + env.task, **parse_scripted(self.spec))
+        if self._policy is None:
+            self._policy = LeRobotBase(self.spec, self.mode, env.env_state_dim, self.device)
+        return self._policy
+
+    def __getstate__(self):
+        return {**self.__dict__, "_policy": None}
+
+
+def make_policy_factory(spec: str, mode: str = "state", device: str = "cpu", seed: int = 0) -> PolicyFactory:
+    """Return ``make(env) -> policy`` (picklable). Checkpoints are loaded (and validated) once, before any rollout."""
+    return PolicyFactory(spec, mode=mode, device=device, seed=seed)
 
 
 def validate_policy_spec(spec: str) -> None:

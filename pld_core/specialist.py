@@ -20,6 +20,16 @@ of ``state`` (8) and ``env_state`` (objects + task one-hot), normalised with the
 offline store (fixed for the whole run, so the replay holds normalised vectors and Cal-QL, SAC
 and the saved specialist all see the same inputs).
 
+Two modes (``residual.mode``):
+
+- ``sync``  this class: one process; after every env step the SAC updates run in line. Everything
+            follows from ``residual.seed``: two runs give bit-identical networks and curves.
+- ``async`` :class:`pld_core.actor_learner.AsyncSpecialistTrainer` (the default): the same episodes
+            (warm-up, probing, storage, xi schedule, 50/50 offline/online batches, critic:actor
+            ratio, learning_starts) but the replay and the updates live in a learner process beside
+            this one, so env steps run at the simulator's speed. Not bit-reproducible (the actor's
+            weights depend on how far the learner got).
+
 Checkpoints (``checkpoints/step_<N>/``) are written at the first episode boundary after every
 ``residual.checkpoint_every`` env steps: the SAC networks and optimizer moments and the torch RNG
 (safetensors), the online replay (``np.savez``, loaded with ``allow_pickle=False``) and a JSON of
@@ -353,7 +363,8 @@ class SpecialistTrainer:
         self.sac = ResidualSAC(encoder.dim, ACT_DIM, params.sac.to_sac_config(use_base=self.use_base), device=self.device)
         if critic_state is not None:
             self._load_critic(critic_state)
-        self.online = ReplayBuffer(rp.replay_capacity, encoder.dim, ACT_DIM, params.sac.gamma)
+        # the online replay lives where the updates happen: here (sync) or in the learner process (async)
+        self.online = ReplayBuffer(rp.replay_capacity, encoder.dim, ACT_DIM, params.sac.gamma) if self.mode == "sync" else None
         self.rng = np.random.default_rng(rp.seed)
         torch.manual_seed(rp.seed)
         self.probe_max = int(rp.probe_max_fraction * env.max_steps)
@@ -362,6 +373,8 @@ class SpecialistTrainer:
         self.rl_steps = 0  # env steps after the warm-up episodes (drives the xi schedule)
         self.episodes = 0
         self.grad_steps = 0
+        self.train_steps = 0  # env steps after which the sync loop updates (warm-up over, learning_starts reached)
+        self.stored_transitions = 0  # transitions sent to the online replay (probing steps excluded)
         self.next_eval = rp.eval_every
         self.next_ckpt = rp.checkpoint_every
         self.curve: list[dict] = []
@@ -394,30 +407,37 @@ class SpecialistTrainer:
         self._maybe_resume()
         t0 = time.time()
         steps0 = self.env_steps
-        if not self.curve:
-            self._evaluate(rp.eval_episodes)
-        columns = [TextColumn("[bold]specialist"), BarColumn(), MofNCompleteColumn(), TextColumn("env steps"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-        with Progress(*columns, disable=not self.show_progress) as progress:
-            bar = progress.add_task("train", total=rp.env_steps, completed=self.env_steps, info="")
-            while self.env_steps < rp.env_steps:
-                self._episode()
-                if self.env_steps >= self.next_eval:
-                    if self.env_steps < rp.env_steps:
-                        self._evaluate(rp.eval_episodes)
-                    self.next_eval = (self.env_steps // rp.eval_every + 1) * rp.eval_every
-                if self.env_steps >= self.next_ckpt:
-                    self.checkpoint()
-                    self.next_ckpt = (self.env_steps // rp.checkpoint_every + 1) * rp.checkpoint_every
-                last = self.curve[-1]["success_rate"] if self.curve else float("nan")
-                progress.update(bar, completed=min(self.env_steps, rp.env_steps),
-                                info=f"ep {self.episodes} xi {self.sac.xi:.2f} eval {last:.2f}")
-        train_seconds = time.time() - t0 - self.eval_seconds
+        self.start()
+        try:
+            if not self.curve:
+                self._evaluate(rp.eval_episodes)
+            columns = [TextColumn(f"[bold]specialist ({self.mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("env steps"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+            with Progress(*columns, disable=not self.show_progress) as progress:
+                bar = progress.add_task("train", total=rp.env_steps, completed=self.env_steps, info="")
+                while self.env_steps < rp.env_steps:
+                    self._episode()
+                    if self.env_steps >= self.next_eval:
+                        if self.env_steps < rp.env_steps:
+                            self._evaluate(rp.eval_episodes)
+                        self.next_eval = (self.env_steps // rp.eval_every + 1) * rp.eval_every
+                    if self.env_steps >= self.next_ckpt:
+                        self.checkpoint()
+                        self.next_ckpt = (self.env_steps // rp.checkpoint_every + 1) * rp.checkpoint_every
+                    last = self.curve[-1]["success_rate"] if self.curve else float("nan")
+                    progress.update(bar, completed=min(self.env_steps, rp.env_steps),
+                                    info=f"ep {self.episodes} xi {self.sac.xi:.2f} eval {last:.2f} updates {self.grad_steps}")
+            train_seconds = time.time() - t0 - self.eval_seconds
+            self.stop()  # async: the learner's final networks replace the actor's copy
+        finally:
+            self.close()
         final = self._evaluate(self.params.evaluate.episodes, final=True)
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "grad_steps": self.grad_steps,
+            "mode": self.mode,
+            "updates_per_env_step": round(self.grad_steps / max(1, self.env_steps), 3),
             "steps_to_95": steps_to_threshold(self.curve),
             "final_success_rate": final["success_rate"],
             "ci95": final["ci95"],
@@ -435,8 +455,43 @@ class SpecialistTrainer:
         return sum(e["success"] for e in eps) / len(eps) if eps else None
 
     def _training(self, warmup: bool) -> bool:
+        """Would the synchronous loop update after this env step? (both modes use this rule)"""
         return (not warmup and self.env_steps >= self.rp.learning_starts
-                and (len(self.online) > 0 or (self.use_offline and len(self.offline) > 0)))
+                and (self.online_transitions > 0 or (self.use_offline and len(self.offline) > 0)))
+
+    # ------------------------------------------------------------------ hooks (the async trainer overrides them)
+    mode = "sync"
+    deadline: float | None = None  # time.time() after which the current episode is cut (benchmarks only)
+
+    @property
+    def online_transitions(self) -> int:
+        return len(self.online)
+
+    def start(self) -> None:
+        """Before the first episode (async: start the learner)."""
+
+    def stop(self) -> None:
+        """After the last episode, before the final evaluation (async: fetch the learner's networks)."""
+
+    def close(self) -> None:
+        """Always called at the end of :meth:`run`, also on errors (async: end the learner process)."""
+
+    def _replay_start(self, x: np.ndarray, a_b: np.ndarray) -> None:
+        self.online.start_episode(x, a_b)
+
+    def _replay_step(self, action, reward: float, done: float, next_x: np.ndarray, next_a_b: np.ndarray) -> None:
+        self.online.add_step(action, reward, done, next_x, next_a_b)
+
+    def _replay_end(self) -> None:
+        self.online.end_episode()
+
+    def _after_step(self, warmup: bool) -> None:
+        """Sync: ``updates_per_step`` SAC updates right after the env step, once training started."""
+        if self._training(warmup):
+            self.train_steps += 1
+            self.sac.xi = self.current_xi()
+            for _ in range(self.rp.updates_per_step):
+                self._update()
 
     def _episode(self) -> dict:
         """One training episode: warm-up (base only) or probing (base only, not stored) + residual."""
@@ -460,7 +515,7 @@ class SpecialistTrainer:
                 self.sac.xi = self.current_xi()
                 action = self.sac.act(x, a_b, deterministic=False).astype(np.float32)
             if not probing and not opened:
-                self.online.start_episode(x, a_b)
+                self._replay_start(x, a_b)
                 opened = True
             next_obs, reward, terminated, truncated, _ = env.step(action)
             t += 1
@@ -472,17 +527,17 @@ class SpecialistTrainer:
             next_a_b = self._base_act(next_obs) if not terminated else a_b
             next_x = enc(next_obs)
             if not probing:  # probing steps never enter the replay
-                self.online.add_step(action, reward, float(terminated), next_x, next_a_b)
+                self._replay_step(action, reward, float(terminated), next_x, next_a_b)
                 stored += 1
-            if self._training(warmup):
-                self.sac.xi = self.current_xi()
-                for _ in range(rp.updates_per_step):
-                    self._update()
+                self.stored_transitions += 1
+            self._after_step(warmup)
             obs, x, a_b = next_obs, next_x, next_a_b
+            if self.deadline is not None and time.time() >= self.deadline:
+                truncated = True
             if terminated or truncated:
                 success = bool(terminated)
                 break
-        self.online.end_episode()
+        self._replay_end()
         self.episodes += 1
         entry = {"episode": self.episodes - 1, "init_state": init_state, "seed": seed, "warmup": warmup,
                  "probe_steps": min(n_probe, t), "stored_steps": stored, "length": t, "success": success,
@@ -514,7 +569,7 @@ class SpecialistTrainer:
         metrics = {f"train/{k}": float(entry[k]) for k in ("success", "length", "probe_steps", "stored_steps", "xi")}
         metrics.update({f"train/{k}": s / self._update_counts[k] for k, s in self._update_sums.items()})
         metrics["train/grad_steps"] = self.grad_steps
-        metrics["train/online_transitions"] = len(self.online)
+        metrics["train/online_transitions"] = self.online_transitions
         self._update_sums, self._update_counts = {}, {}
         mlflow_log(metrics, self.env_steps)
 
@@ -554,15 +609,12 @@ class SpecialistTrainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        state = self.sac.state_dict()
-        state["rng.torch"] = torch.get_rng_state()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "sac.safetensors"))
-        with open(tmp / "replay.npz", "wb") as fh:
-            np.savez(fh, **self.online.state_dict())
+        self._save_learner(tmp)
         counters = {
-            "key": self.key,
+            "key": self.key, "mode": self.mode,
             "env_steps": self.env_steps, "rl_steps": self.rl_steps, "episodes": self.episodes,
             "grad_steps": self.grad_steps, "next_eval": self.next_eval, "next_ckpt": self.next_ckpt,
+            "train_steps": self.train_steps, "stored_transitions": self.stored_transitions,
             "xi": self.sac.xi, "np_rng": self.rng.bit_generator.state,
             "curve": self.curve, "episode_log": self.episode_log, "resumed_from": self.resumed_from,
         }
@@ -578,6 +630,23 @@ class SpecialistTrainer:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _save_learner(self, tmp: Path) -> None:
+        """SAC networks + optimizers + torch RNG (``sac.safetensors``) and the online replay (``replay.npz``)."""
+        state = self.sac.state_dict()
+        state["rng.torch"] = torch.get_rng_state()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "sac.safetensors"))
+        with open(tmp / "replay.npz", "wb") as fh:
+            np.savez(fh, **self.online.state_dict())
+
+    def _load_learner(self, ckpt: Path, counters: dict) -> None:
+        state = load_file(str(ckpt / "sac.safetensors"))
+        torch_rng = state.pop("rng.torch", None)
+        self.sac.load_state_dict(state)
+        if torch_rng is not None:
+            torch.set_rng_state(torch_rng)
+        with np.load(ckpt / "replay.npz", allow_pickle=False) as z:
+            self.online.load_state_dict({k: z[k] for k in z.files})
 
     def latest_checkpoint(self) -> Path | None:
         root = self.checkpoint_dir
@@ -598,15 +667,11 @@ class SpecialistTrainer:
             # checkpoints of a run with other params/inputs: not ours to resume
             shutil.rmtree(self.checkpoint_dir)
             return
-        state = load_file(str(ckpt / "sac.safetensors"))
-        torch_rng = state.pop("rng.torch", None)
-        self.sac.load_state_dict(state)
-        if torch_rng is not None:
-            torch.set_rng_state(torch_rng)
-        with np.load(ckpt / "replay.npz", allow_pickle=False) as z:
-            self.online.load_state_dict({k: z[k] for k in z.files})
+        self._load_learner(ckpt, counters)
         for k in ("env_steps", "rl_steps", "episodes", "grad_steps", "next_eval", "next_ckpt"):
             setattr(self, k, int(counters[k]))
+        self.train_steps = int(counters.get("train_steps", self.grad_steps // max(1, self.rp.updates_per_step)))
+        self.stored_transitions = int(counters.get("stored_transitions", self.online_transitions if self.online is not None else 0))
         self.rng.bit_generator.state = counters["np_rng"]
         self.curve = counters["curve"]
         self.episode_log = counters["episode_log"]
@@ -625,6 +690,15 @@ class SpecialistTrainer:
         plot_curve(self.curve, out_dir / "curve.png", title)
         (out_dir / "train_log.json").write_text(json.dumps(self.episode_log))
         mlflow_artifacts([out_dir / "curve.png", out_dir / "curve.json"], artifact_path="specialist")
+
+
+def make_trainer(params, *args, **kwargs) -> SpecialistTrainer:
+    """The trainer of ``residual.mode``: :class:`SpecialistTrainer` (sync) or the actor-learner one (async)."""
+    if params.residual.mode == "async":
+        from pld_core.actor_learner import AsyncSpecialistTrainer
+
+        return AsyncSpecialistTrainer(params, *args, **kwargs)
+    return SpecialistTrainer(params, *args, **kwargs)
 
 
 def set_torch_threads(threads: int | None) -> None:

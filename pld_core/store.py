@@ -10,7 +10,10 @@ The layout follows diffusion_policy's ReplayBuffer (see shared/STYLE.md)::
 Crash safety: an append writes the step arrays, then the per-episode arrays, then
 ``episode_ends`` *last*. ``episode_ends`` is the commit record: readers only ever see the steps
 and episodes it covers, and a writer that reopens a store first trims whatever a killed append
-left beyond it. A half-written episode is therefore never read.
+left beyond it. A half-written episode is therefore never read. Zarr grows an array's shape
+(metadata) before it writes the chunk, so a commit whose chunk write failed (a full disk, a kill
+between the two writes) shows up as trailing ``episode_ends`` entries holding the fill value 0;
+they are not committed either (a real end is always > 0), and a writer trims them too.
 
 Every reader validates the store: array presence, dtypes and trailing shapes by hand (with a
 message naming the array and the fix), and the tabular per-episode and per-step columns with
@@ -219,16 +222,21 @@ class TrajectoryStore:
 
     @property
     def episode_ends(self) -> np.ndarray:
-        return np.asarray(self.meta["episode_ends"][:], dtype=np.int64)
+        """The committed ends: trailing fill values (0) of a commit whose chunk write failed are dropped."""
+        ends = np.asarray(self.meta["episode_ends"][:], dtype=np.int64)
+        n = len(ends)
+        while n and ends[n - 1] == 0:
+            n -= 1
+        return ends[:n]
 
     @property
     def n_episodes(self) -> int:
-        return int(self.meta["episode_ends"].shape[0])
+        return len(self.episode_ends)
 
     @property
     def n_steps(self) -> int:
-        ends = self.meta["episode_ends"]
-        return int(ends[ends.shape[0] - 1]) if ends.shape[0] else 0
+        ends = self.episode_ends
+        return int(ends[-1]) if len(ends) else 0
 
     @property
     def step_array_names(self) -> list[str]:
@@ -241,7 +249,7 @@ class TrajectoryStore:
             arr = self.data[name]
             if arr.shape[0] != n_steps:
                 arr.resize((n_steps, *arr.shape[1:]))
-        for name in EPISODE_ARRAYS:
+        for name in (*EPISODE_ARRAYS, "episode_ends"):
             arr = self.meta[name]
             if arr.shape[0] != n_eps:
                 arr.resize((n_eps,))

@@ -1,7 +1,8 @@
 """Stage ``collect_offline``: the frozen base's successful rollouts on one task (PLD "Probe").
 
 Rolls the base out on initial states 0, 1, 2, ... (wrapping) until ``offline.successes``
-successful episodes or ``offline.max_episodes`` episodes. Successful episodes go into
+successful episodes or ``offline.max_episodes`` episodes; ``flywheel.collect_workers`` simulators
+play them at once (:class:`pld_core.parallel.EpisodePool`; the kept episodes do not depend on it). Successful episodes go into
 ``<out>/offline.zarr`` with their Monte-Carlo returns (sparse binary reward, ``sac.gamma``) and the
 base action at every next state; failures are only counted (the base's success rate is a metric).
 
@@ -17,10 +18,10 @@ from pathlib import Path
 
 from pld_core.artifacts import atomic_dir, digest_json, finish_manifest, is_fresh, read_manifest
 from pld_core.config import Params
-from pld_core.env import LiberoEnv, task_names
+from pld_core.env import EnvSpec, task_names
 from pld_core.errors import PLDError
 from pld_core.policies import is_scripted, make_policy_factory, validate_policy_spec
-from pld_core.rollout import run_episode
+from pld_core.parallel import EpisodePool, record_episode
 from pld_core.stats import success_summary
 from pld_core.store import TrajectoryStore
 
@@ -79,31 +80,30 @@ def run(params: Params, out_dir: Path, base: str, task: int, force: bool = False
     gamma = params.sac.gamma
     t0 = time.time()
     with atomic_dir(out_dir) as work:
-        env = LiberoEnv(ep.suite, task, mode=ep.mode, image_size=ep.image_size, max_objects=ep.max_objects)
-        try:
-            policy = make_policy_factory(base, mode=ep.mode, device=params.device, seed=op.seed)(env)
-            store = TrajectoryStore.create(
-                work / STORE_NAME, env.obs_shapes(), ep.suite, task_names(ep.suite),
-                extra_attrs={"stage": STAGE, "task": int(task), "base": base, "gamma": gamma},
-            )
-            outcomes, lengths, steps = [], [], 0
-            columns = [TextColumn(f"[bold]offline {ep.suite}/{task}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("successes"), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
-            with Progress(*columns, disable=not show_progress) as progress:
-                bar = progress.add_task("collect", total=op.successes, info="")
-                for k in range(op.max_episodes):
-                    init_state = k % env.n_init_states
-                    ok, length, episode = run_episode(env, policy, init_state, seed=op.seed * 1_000_003 + k, record=True, gamma=gamma)
-                    outcomes.append(ok)
-                    lengths.append(length)
-                    if ok:
-                        store.append([episode])  # one successful episode per write: bounded memory with images
-                        steps += length
-                    progress.update(bar, completed=sum(outcomes), info=f"episodes {k + 1}")
-                    if sum(outcomes) >= op.successes:
-                        break
-        finally:
-            env.close()
+        spec = EnvSpec(ep.suite, task, mode=ep.mode, image_size=ep.image_size, max_objects=ep.max_objects)
+        factory = make_policy_factory(base, mode=ep.mode, device=params.device, seed=op.seed)
+        n_init = spec.n_init_states
+        store = TrajectoryStore.create(
+            work / STORE_NAME, spec.obs_shapes(), ep.suite, task_names(ep.suite),
+            extra_attrs={"stage": STAGE, "task": int(task), "base": base, "gamma": gamma},
+        )
+        outcomes, lengths, steps = [], [], 0
+        columns = [TextColumn(f"[bold]offline {ep.suite}/{task}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("successes"), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+        # episode k: initial state k mod n, seed op.seed * 1_000_003 + k, whichever worker plays it
+        jobs = ((task, (k % n_init, op.seed * 1_000_003 + k, gamma)) for k in range(op.max_episodes))
+        with EpisodePool(spec, factory, params.flywheel.collect_workers) as pool, \
+                Progress(*columns, disable=not show_progress) as progress:
+            bar = progress.add_task("collect", total=op.successes, info="")
+            for k, (ok, length, episode) in enumerate(pool.imap(record_episode, jobs)):
+                outcomes.append(ok)
+                lengths.append(length)
+                if ok:
+                    store.append([episode])  # one successful episode per write: bounded memory with images
+                    steps += length
+                progress.update(bar, completed=sum(outcomes), info=f"episodes {k + 1}")
+                if sum(outcomes) >= op.successes:
+                    break
         summary = success_summary(outcomes)
         if summary["successes"] == 0:
             raise PLDError(

@@ -5,7 +5,8 @@ frozen base acts alone and the SFT label is the base action; from then on the sp
 executing ``clip(a_b + xi * delta)``, and the label is that executed action. Only successful
 episodes enter ``pld.zarr``, each with its ``t_base``, seed and initial state. A few pure
 specialist rollouts (``T_base = 0``) also go to ``specialist_rollouts.zarr`` for the trajectory
-figure; they are not part of the dataset.
+figure; they are not part of the dataset. ``flywheel.collect_workers`` simulators play the episodes
+at once (:class:`pld_core.parallel.EpisodePool`); the kept episodes do not depend on it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from rich.progress import Progress
 
 from pld_core.config import Params
 from pld_core.demos import open_or_create
-from pld_core.env import LiberoEnv
+from pld_core.env import EnvSpec, LiberoEnv
 from pld_core.errors import PLDError
 from pld_core.policies import make_policy_factory
+from pld_core.parallel import EpisodePool
 from pld_core.rollout import EpisodeRecorder
 from pld_core.specialist import load_residual
 from pld_core.stats import success_summary
@@ -50,6 +52,22 @@ def hybrid_episode(env: LiberoEnv, policy, init_state: int, seed: int, t_base: i
     return bool(terminated), ep
 
 
+class HybridPolicyFactory:
+    """``factory(env) -> ResidualPolicy`` (the specialist on its base); picklable for worker processes."""
+
+    def __init__(self, residual_dir: Path, base: str, mode: str, device: str, seed: int):
+        self.residual_dir, self.base, self.mode, self.device, self.seed = Path(residual_dir), base, mode, device, seed
+
+    def __call__(self, env: LiberoEnv):
+        policy = load_residual(self.residual_dir, base=None, device=self.device)
+        policy.make_base = make_policy_factory(self.base, mode=self.mode, device=self.device, seed=self.seed)
+        return policy
+
+
+def hybrid_job(env: LiberoEnv, policy, init_state: int, seed: int, t_base: int, gamma: float):
+    return hybrid_episode(env, policy, init_state, seed=seed, t_base=t_base, gamma=gamma)
+
+
 def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path, base_digest: str | None = None, force: bool = False,
         show_progress: bool = True) -> dict:
     e, c = params.env, params.collect
@@ -57,34 +75,43 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
             "collect": params.section_dict("collect"), "gamma": params.sac.gamma, "base": base_digest or base, "seed": params.flywheel.seed}
 
     def build(tmp: Path) -> dict:
-        env = LiberoEnv(e.suite, task, mode=e.mode, image_size=e.image_size, max_objects=e.max_objects)
-        policy = load_residual(residual_dir, base=None, device=params.device)
-        policy.make_base = make_policy_factory(base, mode=e.mode, device=params.device, seed=params.flywheel.seed)
+        spec = EnvSpec(e.suite, task, mode=e.mode, image_size=e.image_size, max_objects=e.max_objects)
+        load_residual(residual_dir, base=None, device=params.device)  # fail here, not in a worker, on a bad specialist
+        factory = HybridPolicyFactory(residual_dir, base, e.mode, params.device, params.flywheel.seed)
         rng = np.random.default_rng([params.flywheel.seed, task, 17])
-        t_max = int(c.alpha * env.max_steps)
-        store = open_or_create(tmp / "pld.zarr", env, {"source": "pld", "alpha": c.alpha, "task": task})
+        t_max = int(c.alpha * spec.max_steps)
+        n_init = spec.n_init_states
+        gamma = params.sac.gamma
+        store = open_or_create(tmp / "pld.zarr", spec, {"source": "pld", "alpha": c.alpha, "task": task})
         outcomes, kept_t_base = [], []
-        with Progress(transient=True, disable=not show_progress) as progress:
+
+        def jobs():
+            # attempt a: T_base is the a-th draw of rng, initial state a mod n, seed seed * 100_000 + a
+            for attempt in range(c.max_episodes):
+                t_base = int(rng.integers(0, t_max + 1))
+                yield task, (attempt % n_init, params.flywheel.seed * 100_000 + attempt, t_base, gamma)
+
+        with EpisodePool(spec, factory, params.flywheel.collect_workers) as pool, \
+                Progress(transient=True, disable=not show_progress) as progress:
             bar = progress.add_task(f"collect_pld {e.suite}/{task}", total=c.episodes_per_task)
             attempt = 0
-            while len(kept_t_base) < c.episodes_per_task and attempt < c.max_episodes:
-                t_base = int(rng.integers(0, t_max + 1))
-                init = attempt % env.n_init_states
-                ok, ep = hybrid_episode(env, policy, init, seed=params.flywheel.seed * 100_000 + attempt, t_base=t_base, gamma=params.sac.gamma)
-                attempt += 1
-                outcomes.append(ok)
-                if ok:
-                    store.append([ep])
-                    kept_t_base.append(t_base)
-                    progress.advance(bar)
-        if not kept_t_base:
-            raise PLDError(f"collect_pld: no successful hybrid episode on {e.suite} task {task} in {attempt} attempts. "
-                           f"Fix: train the specialist longer (residual.env_steps) or raise collect.max_episodes")
-        spec = open_or_create(tmp / "specialist_rollouts.zarr", env, {"source": "specialist", "task": task})
-        for i in range(SPECIALIST_ROLLOUTS):
-            _, ep = hybrid_episode(env, policy, i % env.n_init_states, seed=10_000 + i, t_base=0, gamma=params.sac.gamma)
-            spec.append([ep])
-        env.close()
+            if c.episodes_per_task > 0:
+                for ok, ep in pool.imap(hybrid_job, jobs()):
+                    attempt += 1
+                    outcomes.append(ok)
+                    if ok:
+                        store.append([ep])
+                        kept_t_base.append(int(ep.t_base))
+                        progress.advance(bar)
+                    if len(kept_t_base) >= c.episodes_per_task:
+                        break
+            if not kept_t_base:
+                raise PLDError(f"collect_pld: no successful hybrid episode on {e.suite} task {task} in {attempt} attempts. "
+                               f"Fix: train the specialist longer (residual.env_steps) or raise collect.max_episodes")
+            spec_store = open_or_create(tmp / "specialist_rollouts.zarr", spec, {"source": "specialist", "task": task})
+            rollouts = ((task, (i % n_init, 10_000 + i, 0, gamma)) for i in range(SPECIALIST_ROLLOUTS))
+            for _, ep in pool.imap(hybrid_job, rollouts):
+                spec_store.append([ep])
         s = success_summary(outcomes)
         return {"task": task, "episodes": len(kept_t_base), "attempts": attempt, "hybrid_success_rate": s["success_rate"],
                 "hybrid_ci95": s["ci95"], "mean_t_base": float(np.mean(kept_t_base)), "steps": store.n_steps}

@@ -9,7 +9,9 @@ Output ``<out>/`` (built in ``.tmp-<name>`` beside it, renamed into place when d
 ``curve.json`` + ``curve.png`` (eval success vs env steps), ``train_log.json`` (per episode),
 ``checkpoints/step_<N>/`` (SAC + optimizers + RNG, online replay, counters) and ``manifest.json``.
 A killed run leaves ``.tmp-<name>``; rerunning with the same params and inputs resumes from its
-newest checkpoint; other params or inputs start over.
+newest checkpoint; other params or inputs start over. ``residual.mode: async`` (default) trains with
+a learner process beside the simulator (:mod:`pld_core.actor_learner`); ``sync`` in one process,
+bit-reproducible.
 
 :func:`bench_specialist` runs the three Probe stages for one task and returns the benchmark fields.
 """
@@ -29,7 +31,7 @@ from pld_core.config import Params, validate_params
 from pld_core.env import LiberoEnv, check_task
 from pld_core.errors import PLDError
 from pld_core.policies import make_policy_factory, validate_policy_spec
-from pld_core.specialist import (SpecialistTrainer, StateEncoder, check_encoder, mlflow_log, offline_buffer_from_store,
+from pld_core.specialist import (StateEncoder, check_encoder, make_trainer, mlflow_log, offline_buffer_from_store,
                                  set_torch_threads)
 from tasks import collect_offline, pretrain_critic
 from tasks.collect_offline import base_identity, env_key
@@ -41,7 +43,8 @@ RUN_KEY = "run_key"
 
 def _residual_params(params: Params) -> dict:
     d = params.section_dict("residual")
-    d.pop("torch_threads", None)  # speed only
+    for speed_only in ("torch_threads", "learner_nice"):
+        d.pop(speed_only, None)
     return d
 
 
@@ -99,14 +102,14 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
             base_spec = str(Path(base).resolve()) if use_base and Path(base).exists() else base
             meta = {"base": base_spec if use_base else None, "suite": ep.suite, "task": task, "mode": ep.mode,
                     "max_objects": ep.max_objects, "ablation": rp.ablation, "language": env.language}
-            trainer = SpecialistTrainer(params, env, base_policy, encoder, offline, work, key=key,
-                                        critic_state=critic_state, meta=meta, show_progress=show_progress)
+            trainer = make_trainer(params, env, base_policy, encoder, offline, work, key=key,
+                                   critic_state=critic_state, meta=meta, show_progress=show_progress)
             summary = trainer.run()
             trainer.save_outputs(work, summary)
         finally:
             env.close()
         metrics = {**summary, "suite": ep.suite, "task": task, "seconds": round(time.time() - t0, 1),
-                   "offline_transitions": len(offline), "online_transitions": len(trainer.online)}
+                   "offline_transitions": len(offline), "online_transitions": trainer.online_transitions}
         mlflow_log({f"specialist/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                    summary["env_steps"])
         return finish_manifest(
