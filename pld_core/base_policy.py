@@ -291,7 +291,9 @@ class BasePolicy:
         if a.shape != (ACT_DIM,):
             raise PLDError(f"base policy {self.checkpoint_path} returned an action of shape {a.shape}, "
                            f"expected ({ACT_DIM},). Fix: use a LIBERO checkpoint")
-        return a
+        # LIBERO's controller takes actions in [-1, 1] (it clips); a regressed policy can overshoot
+        # (ACT gave 1.24). Return what is executed, so stores hold the executed action.
+        return np.clip(a, -1.0, 1.0)
 
     def __repr__(self) -> str:
         return (f"BasePolicy(type={self.policy_type}, checkpoint={self.checkpoint_path}, obs_mode={self.obs_mode}, "

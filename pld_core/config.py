@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pld_core.errors import PLDError
 from pld_core.sac import SACConfig
@@ -75,9 +75,19 @@ class SACParams(Section):
     critic_dropout: float = Field(0.0, ge=0, lt=1)
     otf_samples: int = Field(1, ge=1)
     reward_bias: float = 0.0
+    residual_dims: list[int] | None = None  # action dims the residual may change (None: all 7)
+
+    @field_validator("residual_dims")
+    @classmethod
+    def _dims(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v) or any(not 0 <= d < 7 for d in v)):
+            raise ValueError("must be distinct action dims in 0..6 (xyz 0-2, rotation 3-5, gripper 6), or null for all")
+        return v
 
     def to_sac_config(self, use_base: bool = True) -> SACConfig:
-        return SACConfig(**self.model_dump(), use_base=use_base)
+        d = self.model_dump()
+        d["residual_dims"] = tuple(d["residual_dims"]) if d["residual_dims"] is not None else None
+        return SACConfig(**d, use_base=use_base)
 
 
 class ResidualParams(Section):

@@ -68,6 +68,10 @@ class SACConfig:
     """Constant added to every reward in the TD target."""
     use_base: bool = True
     """False = RLPD-style ablation: base action is zeros and the executed action is delta."""
+    residual_dims: tuple[int, ...] | None = None
+    """Action dims the residual may change (None: all, as in the paper). The embedded default
+    restricts it to xyz + gripper: its base never rotates the wrist, and per-step rotation noise
+    random-walks the wrist out of the base's training distribution."""
 
 
 class ResidualSAC:
@@ -101,6 +105,10 @@ class ResidualSAC:
         """Executed action: combine(a_b, delta, xi); the no-base ablation executes delta."""
         if not self.cfg.use_base:
             return delta
+        if self.cfg.residual_dims is not None:
+            mask = torch.zeros(delta.shape[-1], device=delta.device, dtype=delta.dtype)
+            mask[list(self.cfg.residual_dims)] = 1.0
+            delta = delta * mask
         return combine(base_action, delta, self.xi if xi is None else xi)
 
     @torch.no_grad()

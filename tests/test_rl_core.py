@@ -425,3 +425,24 @@ def test_replay_state_dict_roundtrip():
         np.testing.assert_array_equal(v, b.state_dict()[k])
     with pytest.raises(PLDError, match="obs_dim"):
         ReplayBuffer(50, 4, 2).load_state_dict(a.state_dict())
+
+
+def test_residual_dims_leave_the_other_dims_to_the_base():
+    torch.manual_seed(0)
+    sac = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, residual_dims=(0, 1, 2, 6)))
+    obs = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+    base = np.random.default_rng(1).uniform(-0.5, 0.5, size=(64, 7)).astype(np.float32)
+    a = sac.act(obs, base, deterministic=False)  # sampled: the zero-init mean plus unit-std noise
+    np.testing.assert_array_equal(a[:, 3:6], base[:, 3:6])  # rotation: exactly the base's
+    assert np.abs(a[:, [0, 1, 2, 6]] - base[:, [0, 1, 2, 6]]).max() > 0.05  # the residual acts on the rest
+    full = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5))
+    assert np.abs(full.act(obs, base)[:, 3:6] - base[:, 3:6]).max() > 0.05
+
+
+def test_residual_dims_param_is_validated():
+    from pld_core.config import SACParams
+
+    assert SACParams(residual_dims=[0, 1, 2, 6]).to_sac_config().residual_dims == (0, 1, 2, 6)
+    for bad in ([], [7], [0, 0]):
+        with pytest.raises(Exception, match="action dims"):
+            SACParams(residual_dims=bad)
