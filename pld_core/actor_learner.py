@@ -213,9 +213,9 @@ class _Learner:
     def _update(self) -> None:
         B = self.cfg["batch_size"]
         if self.offline is not None:
-            batch = sample_mixed(self.offline, self.online, B, self.rng, self.cfg["offline_fraction"], self.device)
+            batch = sample_mixed(self.offline, self.online, B, self.rng, self.cfg["offline_fraction"], self.device, self.sac.cfg.n_step)
         else:
-            batch = to_torch(self.online.sample(B, self.rng), self.device)
+            batch = to_torch(self.online.sample(B, self.rng, self.sac.cfg.n_step), self.device)
         self.sac.xi = self.xi
         metrics = self.sac.update(batch, self.grad_steps)
         if self.first_update_env_steps is None:

@@ -118,7 +118,10 @@ def atomic_dir(final: Path, resume: bool = False):
         os.replace(tmp, final)
 
 
-def finish_manifest(out_dir: Path, stage: str, key: str, params: dict, inputs: dict, metrics: dict, digest_outputs: bool = True) -> dict:
+def finish_manifest(out_dir: Path, stage: str, key: str, params: dict, inputs: dict, metrics: dict, digest_outputs: bool = True,
+                    compute_seconds: float | None = None) -> dict:
+    """Write ``manifest.json`` last. ``compute_seconds``: the stage's own work (building its outputs),
+    which ``pld bench overhead`` sets against the flywheel's wall time."""
     manifest = {
         "stage": stage,
         "key": key,
@@ -128,6 +131,7 @@ def finish_manifest(out_dir: Path, stage: str, key: str, params: dict, inputs: d
         "output_digest": digest_path(out_dir) if digest_outputs else None,
         "code_version": code_version(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "compute_seconds": None if compute_seconds is None else round(float(compute_seconds), 3),
     }
     write_json_atomic(Path(out_dir) / MANIFEST, manifest)
     return manifest

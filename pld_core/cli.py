@@ -121,6 +121,17 @@ def cmd_bench(args) -> int:
                              only=[x for x in (args.stages or "").split(",") if x])
         print(json.dumps(summary))
         return 0 if summary["lost"] == 0 else 1
+    if args.bench == "overhead":
+        from pld_core import perfbench
+
+        result = perfbench.bench_overhead(args.params, profile=args.profile or "smoke", root=args.root,
+                                          log=lambda s: print(s, file=sys.stderr, flush=True))
+        result["machine"] = f"{os.cpu_count()} cores"
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result))
+        return 0
     if args.bench in ("loop", "replay", "collect"):
         from pld_core import perfbench
         from pld_core.config import load_params, parse_overrides
@@ -263,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_store)
 
     b = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
-    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect"])
+    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect", "overhead"])
     b.add_argument("--suite", default="libero_object")
     b.add_argument("--tasks", default="all")
     b.add_argument("--task", type=int, default=0)
@@ -276,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "for `loop`/`collect` (default: scripted:noise=0.6)")
     b.add_argument("--out")
     b.add_argument("--trials", type=int, default=20, help="`faults`: kill-and-rerun trials (stages round-robin)")
-    b.add_argument("--root", default=None, help="`faults`: scratch dir (default <data_dir>/faults)")
+    b.add_argument("--root", default=None, help="`faults`: scratch dir (default <data_dir>/faults); `overhead`: (default data/bench_overhead, wiped)")
     b.add_argument("--seed", type=int, default=0, help="`faults`: seed of the kill moments")
     b.add_argument("--seconds", type=float, default=None,
                    help="`loop`: seconds per measurement (default 60); `replay`: in all (default 20)")

@@ -75,6 +75,9 @@ class SACParams(Section):
     critic_dropout: float = Field(0.0, ge=0, lt=1)
     otf_samples: int = Field(1, ge=1)
     reward_bias: float = 0.0
+    n_step: int = Field(1, ge=1, le=1000)  # n-step TD returns (1 = the paper's one-step target)
+    target_bounds: list[float] | None = None  # [lo, hi]: clip TD targets to the possible returns (0/1 reward: [0, 1])
+    backup_entropy: bool = True  # False: no -alpha log pi in the TD target (SERL / Cal-QL reference code)
     residual_dims: list[int] | None = None  # action dims the residual may change (None: all 7)
 
     @field_validator("residual_dims")
@@ -84,8 +87,16 @@ class SACParams(Section):
             raise ValueError("must be distinct action dims in 0..6 (xyz 0-2, rotation 3-5, gripper 6), or null for all")
         return v
 
+    @field_validator("target_bounds")
+    @classmethod
+    def _bounds(cls, v):
+        if v is not None and (len(v) != 2 or not v[0] < v[1]):
+            raise ValueError("must be [lo, hi] with lo < hi (the returns the reward can give, e.g. [0, 1]), or null")
+        return v
+
     def to_sac_config(self, use_base: bool = True) -> SACConfig:
         d = self.model_dump()
+        d["target_bounds"] = tuple(d["target_bounds"]) if d["target_bounds"] is not None else None
         d["residual_dims"] = tuple(d["residual_dims"]) if d["residual_dims"] is not None else None
         return SACConfig(**d, use_base=use_base)
 

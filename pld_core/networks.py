@@ -62,16 +62,17 @@ def combine(base_action: torch.Tensor, delta: torch.Tensor, xi: float) -> torch.
 class ResidualActor(nn.Module):
     """pi(delta | s, a_base): tanh-squashed Gaussian over the residual, zero-init last layer."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 3):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 3, out_dim: int | None = None):
         super().__init__()
         self.obs_dim = obs_dim
-        self.act_dim = act_dim
+        self.act_dim = act_dim  # the base action it conditions on
+        self.out_dim = act_dim if out_dim is None else out_dim  # the residual dims it outputs
         self.trunk = nn.Sequential(
             *_hidden_stack(obs_dim + act_dim, hidden, layers, True, nn.Tanh, 0.0)
         )
         feat = hidden if layers > 0 else obs_dim + act_dim
-        self.mean_head = nn.Linear(feat, act_dim)
-        self.log_std_head = nn.Linear(feat, act_dim)
+        self.mean_head = nn.Linear(feat, self.out_dim)
+        self.log_std_head = nn.Linear(feat, self.out_dim)
         # Zero-init last layer: mean delta is exactly 0, so the specialist starts as the base
         # policy; log_std starts at the midpoint of [LOG_STD_MIN, LOG_STD_MAX] (std ~ 0.22).
         for head in (self.mean_head, self.log_std_head):
@@ -81,7 +82,7 @@ class ResidualActor(nn.Module):
     def forward(
         self, obs: torch.Tensor, base_action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-squash Gaussian parameters ``(mean, log_std)``, each (B, act_dim)."""
+        """Pre-squash Gaussian parameters ``(mean, log_std)``, each (B, out_dim)."""
         h = self.trunk(torch.cat([obs, base_action], dim=-1))
         mean = self.mean_head(h)
         # Bounded log-std by tanh rescaling (CleanRL): log_std in [LOG_STD_MIN, LOG_STD_MAX].

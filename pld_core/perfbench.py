@@ -273,3 +273,92 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
         "seconds": round(t1 + tw + start1 + startw, 1),
         "suite": suite, "task": int(task), "base": base,
     }
+
+
+# ----------------------------------------------------------------------------- overhead
+def _manifests(root: Path) -> list[dict]:
+    import json
+
+    out = []
+    for f in sorted(root.rglob("manifest.json")):
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and "stage" in m and "key" in m:
+            out.append({"dir": str(f.parent.relative_to(root)), "stage": m["stage"], "compute_seconds": m.get("compute_seconds"),
+                        "finished_at": m.get("finished_at"), "key": m["key"]})
+    return out
+
+
+def _run_flywheel(cmd: list[str], cwd: Path, log) -> float:
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        from pld_core.errors import PLDError
+
+        raise PLDError(f"bench overhead: `{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    log(proc.stdout[-1500:])
+    return wall
+
+
+def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smoke", root: str | Path | None = None,
+                   log=print) -> dict:
+    """A whole ``pld flywheel --profile <profile>`` (bootstrap + iteration 0) in a fresh data dir, timed
+    from the command's start to its exit, against the sum of its stages' own compute (each manifest's
+    ``compute_seconds``: the time spent building that stage's outputs); then the same command again,
+    with nothing changed, which must skip every stage.
+
+    Orchestration = wall - compute: interpreter start and imports, Prefect flow/task runs, MLflow runs,
+    model registration and figures, manifest checks and digests.
+    """
+    import shutil
+    import sys
+
+    project = Path(params_path).resolve().parent
+    root = Path(root or project / "data" / "bench_overhead").resolve()
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    data = root / "data"
+    sets = [f"flywheel.data_dir={data}", f"mlflow.tracking_uri=sqlite:///{data}/mlflow.db", f"mlflow.artifact_dir={data}/mlartifacts"]
+    cmd = [sys.executable, "-m", "pld_core.cli", "flywheel", "--params", str(Path(params_path).resolve()), "--profile", profile]
+    for s in sets:
+        cmd += ["--set", s]
+    # imports alone (what every `pld` process pays before any work), for the breakdown
+    t0 = time.perf_counter()
+    import subprocess
+
+    subprocess.run([sys.executable, "-c", "import flows.flywheel, pld_core.cli, tasks.registry"], cwd=project, check=True)
+    import_s = time.perf_counter() - t0
+
+    log(f"bench overhead: pld flywheel --profile {profile} in {data} (fresh)")
+    wall = _run_flywheel(cmd, project, log)
+    first = _manifests(data)
+    if not first:
+        from pld_core.errors import PLDError
+
+        raise PLDError(f"bench overhead: no stage manifest under {data} after the flywheel ran")
+    compute = sum(m["compute_seconds"] or 0.0 for m in first)
+    log(f"bench overhead: cached rerun")
+    cached = _run_flywheel(cmd, project, log)
+    second = _manifests(data)
+    rebuilt = [m["dir"] for m, n in zip(first, second) if m["finished_at"] != n["finished_at"]]
+    per_stage: dict[str, float] = {}
+    for m in first:
+        per_stage[m["stage"]] = round(per_stage.get(m["stage"], 0.0) + (m["compute_seconds"] or 0.0), 2)
+    return {
+        "ratio": round(wall / max(compute, 1e-9), 3),
+        "orchestration_share": round(1.0 - compute / wall, 3),
+        "wall_s": round(wall, 1),
+        "compute_s": round(compute, 1),
+        "orchestration_s": round(wall - compute, 1),
+        "import_s": round(import_s, 1),
+        "cached_rerun_s": round(cached, 1),
+        "cached_rebuilt": rebuilt,
+        "stages": len(first),
+        "stage_compute_s": per_stage,
+        "profile": profile,
+    }

@@ -169,23 +169,40 @@ class ReplayBuffer:
         """Bytes held by the row arrays."""
         return sum(getattr(self, name).nbytes for name in _ROW_FIELDS)
 
-    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Uniformly sample transitions (with replacement); next fields come from row i+1."""
+    def sample(self, batch_size: int, rng: np.random.Generator, n_step: int = 1) -> dict[str, np.ndarray]:
+        """Uniformly sample transitions (with replacement); next fields come from row i+1.
+
+        ``n_step > 1``: each sample's reward is the discounted sum of up to n rewards of its own
+        episode, r_i + gamma r_{i+1} + ... (stopping at a terminal step or the episode's last row),
+        its next fields come from the row m steps on (m <= n), and ``discount`` = gamma^m is what
+        the TD target multiplies the bootstrap by. n_step=1 gives the one-step batch (no
+        ``discount`` key: the learner's gamma applies).
+        """
         candidates = np.flatnonzero(self.valid)
         if len(candidates) == 0:
             raise RuntimeError("ReplayBuffer.sample called on a buffer with no transitions.")
         i = candidates[rng.integers(0, len(candidates), size=batch_size)]
-        j = (i + 1) % self.capacity
-        return {
-            "obs": self.obs[i],
-            "base_action": self.base_action[i],
-            "action": self.action[i],
-            "reward": self.reward[i],
-            "done": self.done[i],
-            "next_obs": self.obs[j],
-            "next_base_action": self.base_action[j],
-            "mc_return": self.mc_return[i],
-        }
+        out = {"obs": self.obs[i], "base_action": self.base_action[i], "action": self.action[i], "mc_return": self.mc_return[i]}
+        if n_step <= 1:
+            j = (i + 1) % self.capacity
+            out.update(reward=self.reward[i], done=self.done[i], next_obs=self.obs[j], next_base_action=self.base_action[j])
+            return out
+        ret = np.zeros(batch_size, dtype=np.float32)
+        done = np.zeros(batch_size, dtype=np.float32)
+        m = np.zeros(batch_size, dtype=np.int64)
+        active = np.ones(batch_size, dtype=bool)  # row i+k is a transition of the sample's episode
+        for k in range(n_step):
+            rows = (i + k) % self.capacity
+            ret += np.where(active, self.gamma ** k * self.reward[rows], 0.0).astype(np.float32)
+            m += active
+            ended = active & (self.done[rows] > 0)
+            done[ended] = 1.0
+            # continue only within the episode: not terminal, and row i+k+1 is itself a transition
+            active = active & ~ended & self.valid[(rows + 1) % self.capacity]
+        j = (i + m) % self.capacity
+        out.update(reward=ret, done=done, next_obs=self.obs[j], next_base_action=self.base_action[j],
+                   discount=(self.gamma ** m).astype(np.float32))
+        return out
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, np.ndarray | int]:
@@ -226,6 +243,7 @@ def sample_mixed(
     rng: np.random.Generator,
     offline_fraction: float = 0.5,
     device: torch.device | str = "cpu",
+    n_step: int = 1,
 ) -> dict[str, torch.Tensor]:
     """RLPD symmetric sampling: round(batch * fraction) rows from offline, the rest online.
 
@@ -240,9 +258,9 @@ def sample_mixed(
         n_off = 0
     parts = []
     if n_off > 0:
-        parts.append(offline.sample(n_off, rng))
+        parts.append(offline.sample(n_off, rng, n_step))
     if batch_size - n_off > 0:
-        parts.append(online.sample(batch_size - n_off, rng))
+        parts.append(online.sample(batch_size - n_off, rng, n_step))
     return {
         key: torch.as_tensor(np.concatenate([p[key] for p in parts]), dtype=torch.float32, device=device)
         for key in parts[0]

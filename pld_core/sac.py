@@ -5,10 +5,14 @@ with its name in a comment:
 
 - executed action         a = clip(a_b + xi * delta, -1, 1),    delta ~ pi(. | s, a_b)
 - TD target (soft, OTF)   y = (r + b) + gamma (1 - d) max_k [ min_j Q'_j(s', a'_k) - alpha log pi(delta'_k) ]
-                          with a'_k = clip(a_b' + xi * delta'_k) and a_b' the *stored* next base action
+                          with a'_k = clip(a_b' + xi * delta'_k) and a_b' the *stored* next base action;
+                          ``backup_entropy: false`` drops the alpha log pi term (as SERL and the
+                          Cal-QL/CQL reference code do: with a 0/1 reward the entropy bonus would
+                          otherwise dominate Q, ~alpha * H / (1 - gamma))
 - critic loss             sum_j mean (Q_j(s, a) - y)^2
 - actor loss              mean [ alpha log pi(delta) - min_j Q_j(s, clip(a_b + xi * delta)) ]
-- temperature loss        mean [ -alpha (log pi(delta) + H_target) ],  H_target = -act_dim / 2
+- temperature loss        mean [ -alpha (log pi(delta) + H_target) ],  H_target = -res_dim / 2
+                          (res_dim = the action dims the residual acts on: all 7 in the paper)
 - Polyak update           theta' <- (1 - tau) theta' + tau theta
 
 Critic:actor ratio: every call of :meth:`ResidualSAC.update` makes one critic update; the actor
@@ -51,7 +55,7 @@ class SACConfig:
     init_temperature: float = 1.0
     """Initial entropy temperature alpha."""
     target_entropy: float | None = None
-    """Target entropy of the residual; None means -act_dim / 2."""
+    """Target entropy of the residual; None means -res_dim / 2 (res_dim: len(residual_dims) or act_dim)."""
     xi: float = 0.5
     """Residual scale in a = clip(a_b + xi * delta); the trainer may schedule ``sac.xi``."""
     hidden: int = 256
@@ -66,12 +70,25 @@ class SACConfig:
     """K residual samples at s' for the on-the-fly max-Q backup (K=1: plain SAC)."""
     reward_bias: float = 0.0
     """Constant added to every reward in the TD target."""
+    n_step: int = 1
+    """n-step TD returns (1 = the paper's one-step target). With a 0/1 reward at the end of
+    ~150-step episodes, one-step targets need ~150 rounds of bootstrapping (each slowed by the
+    target network's tau) before the start of an episode sees the reward; n steps cut that n-fold."""
+    target_bounds: tuple[float, float] | None = None
+    """Clip the TD target to [lo, hi]: the returns the reward can give (a 0/1 success reward,
+    once per episode: [0, 1]). A warm-started critic that is conservative away from the base
+    action (Cal-QL) would otherwise bootstrap values below any possible return into the states
+    before it. None: no clip (the paper)."""
+    backup_entropy: bool = True
+    """Include -alpha log pi(delta') in the TD target (soft Q, as the SAC paper). False: the plain
+    Q of the combined policy (SERL's and the Cal-QL reference code's default)."""
     use_base: bool = True
     """False = RLPD-style ablation: base action is zeros and the executed action is delta."""
     residual_dims: tuple[int, ...] | None = None
     """Action dims the residual may change (None: all, as in the paper). The embedded default
     restricts it to xyz + gripper: its base never rotates the wrist, and per-step rotation noise
-    random-walks the wrist out of the base's training distribution."""
+    random-walks the wrist out of the base's training distribution. The actor outputs only these
+    dims, so its entropy (and the temperature's target) counts only what it can change."""
 
 
 class ResidualSAC:
@@ -82,8 +99,11 @@ class ResidualSAC:
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.device = torch.device(device)
         self.xi = cfg.xi
-        self.target_entropy = -act_dim / 2.0 if cfg.target_entropy is None else cfg.target_entropy
-        self.actor = ResidualActor(obs_dim, act_dim, cfg.hidden, cfg.layers).to(self.device)
+        # the dims the residual acts on (the no-base ablation executes delta itself: all dims)
+        self.res_dims = list(cfg.residual_dims) if (cfg.residual_dims is not None and cfg.use_base) else None
+        self.res_dim = len(self.res_dims) if self.res_dims is not None else act_dim
+        self.target_entropy = -self.res_dim / 2.0 if cfg.target_entropy is None else cfg.target_entropy
+        self.actor = ResidualActor(obs_dim, act_dim, cfg.hidden, cfg.layers, out_dim=self.res_dim).to(self.device)
         self.critic = DoubleQ(obs_dim, act_dim, cfg.hidden, cfg.layers, cfg.n_q, cfg.critic_dropout).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
@@ -102,13 +122,16 @@ class ResidualSAC:
         return base_action if self.cfg.use_base else torch.zeros_like(base_action)
 
     def executed(self, base_action: torch.Tensor, delta: torch.Tensor, xi: float | None = None) -> torch.Tensor:
-        """Executed action: combine(a_b, delta, xi); the no-base ablation executes delta."""
+        """Executed action: combine(a_b, delta, xi); the no-base ablation executes delta.
+
+        With ``residual_dims``, ``delta`` holds those dims only (the actor's output) and the
+        other dims of the executed action are the base's exactly."""
         if not self.cfg.use_base:
             return delta
-        if self.cfg.residual_dims is not None:
-            mask = torch.zeros(delta.shape[-1], device=delta.device, dtype=delta.dtype)
-            mask[list(self.cfg.residual_dims)] = 1.0
-            delta = delta * mask
+        if self.res_dims is not None and delta.shape[-1] != base_action.shape[-1]:
+            full = torch.zeros_like(base_action)
+            full[..., self.res_dims] = delta
+            delta = full
         return combine(base_action, delta, self.xi if xi is None else xi)
 
     @torch.no_grad()
@@ -137,12 +160,17 @@ class ResidualSAC:
         next_action = self.executed(next_base, next_delta)
         # Clipped double Q: min over heads of the target critic.
         q_next = self.critic_target(next_obs, next_action).min(dim=0).values
-        soft_q_next = (q_next - self.alpha * next_logp).view(K, B)
+        soft_q_next = (q_next - self.alpha * next_logp if self.cfg.backup_entropy else q_next).view(K, B)
         # On-the-fly max-Q backup: best of the K soft values (K=1 is plain SAC).
         v_next = soft_q_next.max(dim=0).values
         # Soft Bellman target.
         reward = batch["reward"] + self.cfg.reward_bias
-        return reward + self.cfg.gamma * (1.0 - batch["done"]) * v_next
+        # n-step batches carry gamma^m per sample (m <= n steps to the bootstrap state)
+        discount = batch["discount"] if "discount" in batch else self.cfg.gamma
+        y = reward + discount * (1.0 - batch["done"]) * v_next
+        if self.cfg.target_bounds is not None:
+            y = y.clamp(*self.cfg.target_bounds)
+        return y
 
     def critic_td_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Critic loss sum_j mean (Q_j(s, a) - y)^2 on the executed action a."""

@@ -555,8 +555,8 @@ class SpecialistTrainer:
         """RLPD batch: ``offline_fraction`` from the offline buffer, the rest online (no_offline: online only)."""
         B = self.params.sac.batch_size
         if self.use_offline:
-            return sample_mixed(self.offline, self.online, B, self.rng, self.rp.offline_fraction, self.device)
-        return to_torch(self.online.sample(B, self.rng), self.device)
+            return sample_mixed(self.offline, self.online, B, self.rng, self.rp.offline_fraction, self.device, self.sac.cfg.n_step)
+        return to_torch(self.online.sample(B, self.rng, self.sac.cfg.n_step), self.device)
 
     def _update(self) -> None:
         metrics = self.sac.update(self.sample_batch(), self.grad_steps)

@@ -122,5 +122,5 @@ def run(params: Params, out_dir: Path, base: str, task: int, force: bool = False
         return finish_manifest(
             work, STAGE, key,
             params={"env": env_key(params, task), "offline": params.section_dict("offline"), "gamma": gamma},
-            inputs={"base": base_identity(base)}, metrics=metrics,
+            inputs={"base": base_identity(base)}, metrics=metrics, compute_seconds=time.time() - t0,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,8 +105,9 @@ def run_stage(stage: str, out_dir: Path, params_used: dict, inputs: dict, build:
         log.info("%s: up to date (%s)", stage, out_dir)
         return m
     with atomic_dir(out_dir, resume=resume) as tmp:
+        t0 = time.perf_counter()
         metrics = build(tmp) or {}
-        finish_manifest(tmp, stage, key, params_used, inputs, metrics)
+        finish_manifest(tmp, stage, key, params_used, inputs, metrics, compute_seconds=time.perf_counter() - t0)
     m = read_manifest(out_dir)
     m["skipped"] = False
     return m

@@ -135,5 +135,5 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
             work, STAGE, key,
             params={"calql": params.section_dict("calql"), "sac": params.section_dict("sac"), "encoder": params.residual.encoder},
             inputs={"offline": {"dir": str(offline_dir), "output_digest": offline_manifest["output_digest"]}},
-            metrics=metrics,
+            metrics=metrics, compute_seconds=time.time() - t0,
         )

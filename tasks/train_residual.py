@@ -119,7 +119,7 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
             inputs={"base": base_identity(base) if use_base else None,
                     "offline": {"dir": str(offline_dir), "output_digest": offline_manifest["output_digest"]},
                     "critic": {"dir": str(critic_dir), "output_digest": critic_manifest["output_digest"]} if critic_manifest else None},
-            metrics=metrics,
+            metrics=metrics, compute_seconds=time.time() - t0,
         )
 
 

@@ -65,6 +65,12 @@ def test_smoke_flywheel_through_prefect_and_dask(smoke_run):
     # base v1 is a standard LeRobot checkpoint
     assert (data / "iter_0/base_next/pretrained_model/model.safetensors").exists()
     assert (data / "figures" / "success_over_versions.png").exists()
+    # every stage times its own work (what `pld bench overhead` sets against the wall time)
+    from pld_core.perfbench import _manifests
+
+    ms = _manifests(data)
+    assert len(ms) == len(stages) and all(m["compute_seconds"] is not None and m["compute_seconds"] > 0 for m in ms), ms
+    assert sum(m["compute_seconds"] for m in ms) < seconds  # one task, sequential stages: compute <= wall
 
 
 def test_lineage_in_mlflow_registry(smoke_run):

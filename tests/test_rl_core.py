@@ -446,3 +446,95 @@ def test_residual_dims_param_is_validated():
     for bad in ([], [7], [0, 0]):
         with pytest.raises(Exception, match="action dims"):
             SACParams(residual_dims=bad)
+
+
+def test_td_target_without_entropy_backup_is_plain_q_of_the_combined_policy():
+    torch.manual_seed(0)
+    soft = small_sac(xi=0.5, init_temperature=0.7, gamma=0.9)
+    hard = small_sac(xi=0.5, init_temperature=0.7, gamma=0.9, backup_entropy=False)
+    hard.actor.load_state_dict(soft.actor.state_dict())
+    hard.critic_target.load_state_dict(soft.critic_target.state_dict())
+    batch = random_batch(B=6)
+    delta = torch.rand(6, 3) * 2 - 1
+    logp = torch.randn(6)
+    for s in (soft, hard):
+        s.actor.sample = lambda obs, base: (delta, logp, torch.zeros_like(base))
+    v = target_min_q(soft, batch["next_obs"], combine(batch["next_base_action"], delta, 0.5))
+    expected_hard = batch["reward"] + 0.9 * (1 - batch["done"]) * v
+    assert torch.allclose(hard.td_target(batch), expected_hard, atol=1e-5)
+    assert torch.allclose(soft.td_target(batch), expected_hard - 0.9 * (1 - batch["done"]) * 0.7 * logp, atol=1e-5)
+
+
+def test_residual_dims_actor_outputs_only_those_dims_and_entropy_counts_them():
+    sac = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, residual_dims=(0, 1, 2, 6)))
+    assert sac.actor.out_dim == 4 and sac.target_entropy == -2.0
+    obs, base = torch.randn(5, 6), torch.rand(5, 7) * 2 - 1
+    delta, logp, _ = sac.actor.sample(obs, base)
+    assert delta.shape == (5, 4) and logp.shape == (5,)
+    a = sac.executed(base, delta, xi=0.5)
+    assert torch.equal(a[:, 3:6], base[:, 3:6])
+    assert torch.allclose(a[:, [0, 1, 2, 6]], (base[:, [0, 1, 2, 6]] + 0.5 * delta).clamp(-1, 1))
+    # the no-base ablation executes delta itself: all 7 dims, whatever residual_dims says
+    nb = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, residual_dims=(0, 1, 2, 6), use_base=False))
+    assert nb.actor.out_dim == 7 and nb.target_entropy == -3.5
+
+
+def test_n_step_sampling_sums_rewards_within_the_episode_and_discounts_the_bootstrap():
+    g = 0.9
+    buf = ReplayBuffer(64, 1, 2, gamma=g)
+    # episode A: 5 transitions, success at the last (terminal); episode B: 4 transitions, truncated
+    T_a, T_b = 5, 4
+    buf.add_episode(np.arange(T_a + 1, dtype=np.float32)[:, None], np.zeros((T_a + 1, 2)), np.zeros((T_a, 2)),
+                    np.array([0, 0, 0, 0, 1.0]), np.array([0, 0, 0, 0, 1.0]))
+    buf.start_episode(np.array([100.0]), np.zeros(2))
+    for t in range(T_b):
+        buf.add_step(np.zeros(2), 0.5, 0.0, np.array([101.0 + t]), np.full(2, t + 1.0))
+    buf.end_episode()
+    b = buf.sample(4000, np.random.default_rng(0), n_step=3)
+    o = b["obs"][:, 0]
+    for x, r, d, nxt, disc in zip(o, b["reward"], b["done"], b["next_obs"][:, 0], b["discount"]):
+        if x < 100:  # episode A, obs t = x
+            t = int(x)
+            m = min(3, T_a - t)
+            assert nxt == t + m and np.isclose(disc, g ** m)
+            assert np.isclose(r, g ** (T_a - 1 - t) if t + m == T_a else 0.0) and d == float(t + m == T_a)
+        else:  # episode B: never crosses into another episode; truncated end is not terminal
+            t = int(x) - 100
+            m = min(3, T_b - t)
+            assert nxt == 100 + t + m and np.isclose(disc, g ** m) and d == 0.0
+            assert np.isclose(r, sum(0.5 * g ** k for k in range(m)))
+    assert set(np.unique(o)) == {0, 1, 2, 3, 4, 100, 101, 102, 103}
+    one = buf.sample(16, np.random.default_rng(0))  # one step: no discount key, next row
+    assert "discount" not in one and np.array_equal(one["next_obs"][:, 0] - one["obs"][:, 0], np.ones(16))
+
+
+def test_td_target_uses_the_n_step_discount():
+    torch.manual_seed(0)
+    sac = small_sac(xi=0.5, gamma=0.9, backup_entropy=False)
+    batch = random_batch(B=4)
+    y1 = sac.td_target(batch)
+    batch["discount"] = torch.full((4,), 0.9 ** 3)
+    torch.manual_seed(0)
+    sac2 = small_sac(xi=0.5, gamma=0.9, backup_entropy=False)
+    y3 = sac2.td_target(batch)
+    v = (y1 - batch["reward"]) / 0.9
+    assert torch.allclose(y3, batch["reward"] + 0.9 ** 3 * v, atol=1e-5)
+
+
+def test_td_target_is_clipped_to_the_possible_returns():
+    torch.manual_seed(0)
+    free = small_sac(xi=0.5, gamma=0.9, backup_entropy=False)
+    bounded = small_sac(xi=0.5, gamma=0.9, backup_entropy=False, target_bounds=(0.0, 1.0))
+    constant_critic(free, -3.0)
+    constant_critic(bounded, -3.0)  # a critic that is (wrongly) negative everywhere
+    batch = random_batch(B=6)
+    batch["reward"] = torch.tensor([0, 0, 1, 0, 0, 1.0])
+    batch["done"] = torch.tensor([0, 0, 1, 0, 0, 1.0])
+    assert (free.td_target(batch)[batch["done"] == 0] < 0).all()
+    y = bounded.td_target(batch)
+    assert torch.equal(y, torch.tensor([0, 0, 1, 0, 0, 1.0]))
+    from pld_core.config import SACParams
+
+    assert SACParams(target_bounds=[0, 1]).to_sac_config().target_bounds == (0.0, 1.0)
+    with pytest.raises(Exception, match="lo < hi"):
+        SACParams(target_bounds=[1, 0])
