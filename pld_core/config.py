@@ -77,6 +77,7 @@ class SACParams(Section):
     reward_bias: float = 0.0
     n_step: int = Field(1, ge=1, le=1000)  # n-step TD returns (1 = the paper's one-step target)
     target_bounds: list[float] | None = None  # [lo, hi]: clip TD targets to the possible returns (0/1 reward: [0, 1])
+    residual_l2: float = Field(0.0, ge=0)  # pull of the deterministic residual toward 0 (0 = the paper)
     backup_entropy: bool = True  # False: no -alpha log pi in the TD target (SERL / Cal-QL reference code)
     residual_dims: list[int] | None = None  # action dims the residual may change (None: all 7)
 
@@ -113,6 +114,7 @@ class ResidualParams(Section):
     checkpoint_every: int = Field(5000, gt=0)
     eval_every: int = Field(5000, gt=0)
     eval_episodes: int = Field(20, gt=0)
+    final_eval_episodes: int | None = Field(None, gt=0)  # the specialist's last evaluation (None: evaluate.episodes)
     ablation: Literal["none", "no_base", "no_offline", "no_calql", "no_probe"] = "none"
     seed: int = Field(0, ge=0)
     encoder: Literal["state", "image"] = "state"  # residual/critic input; "image" (frozen image encoder) is not built yet

@@ -11,6 +11,7 @@ with its name in a comment:
                           otherwise dominate Q, ~alpha * H / (1 - gamma))
 - critic loss             sum_j mean (Q_j(s, a) - y)^2
 - actor loss              mean [ alpha log pi(delta) - min_j Q_j(s, clip(a_b + xi * delta)) ]
+                          (+ residual_l2 * ||tanh(mu)||^2, off in the paper)
 - temperature loss        mean [ -alpha (log pi(delta) + H_target) ],  H_target = -res_dim / 2
                           (res_dim = the action dims the residual acts on: all 7 in the paper)
 - Polyak update           theta' <- (1 - tau) theta' + tau theta
@@ -79,6 +80,9 @@ class SACConfig:
     once per episode: [0, 1]). A warm-started critic that is conservative away from the base
     action (Cal-QL) would otherwise bootstrap values below any possible return into the states
     before it. None: no clip (the paper)."""
+    residual_l2: float = 0.0
+    """Weight of mean ||tanh(mu)||^2 in the actor loss: a pull of the deterministic residual toward
+    zero (= the base's action) that only a critic gradient larger than it overcomes. 0 = the paper."""
     backup_entropy: bool = True
     """Include -alpha log pi(delta') in the TD target (soft Q, as the SAC paper). False: the plain
     Q of the combined policy (SERL's and the Cal-QL reference code's default)."""
@@ -205,10 +209,12 @@ class ResidualSAC:
     def update_actor(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One actor update and one temperature update on the batch's states."""
         obs, base = batch["obs"], self.base(batch["base_action"])
-        delta, logp, _ = self.actor.sample(obs, base)
+        delta, logp, mean_delta = self.actor.sample(obs, base)
         q_pi = self.critic(obs, self.executed(base, delta)).min(dim=0).values
-        # Actor loss: alpha log pi - min_j Q_j(s, a_b + xi delta).
+        # Actor loss: alpha log pi - min_j Q_j(s, a_b + xi delta) (+ residual_l2 ||tanh(mu)||^2).
         actor_loss = (self.alpha * logp - q_pi).mean()
+        if self.cfg.residual_l2 > 0:
+            actor_loss = actor_loss + self.cfg.residual_l2 * mean_delta.pow(2).sum(-1).mean()
         self.actor_optim.zero_grad(set_to_none=True)
         actor_loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.actor.parameters(), self.cfg.grad_clip)

@@ -213,6 +213,11 @@ class ResidualPolicy:
         return self.act_with_base(obs)[0]
 
 
+def final_eval_episodes(params) -> int:
+    """Episodes of the specialist's last evaluation: residual.final_eval_episodes, else evaluate.episodes."""
+    return params.residual.final_eval_episodes or params.evaluate.episodes
+
+
 def save_residual(out_dir: Path, sac: ResidualSAC, encoder: StateEncoder, meta: dict) -> None:
     """``residual.safetensors`` (actor, critic, target, log_alpha, encoder stats) + ``config.json``."""
     out_dir = Path(out_dir)
@@ -431,7 +436,7 @@ class SpecialistTrainer:
             self.stop()  # async: the learner's final networks replace the actor's copy
         finally:
             self.close()
-        final = self._evaluate(self.params.evaluate.episodes, final=True)
+        final = self._evaluate(final_eval_episodes(self.params), final=True)
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,

@@ -31,7 +31,7 @@ from pld_core.config import Params, validate_params
 from pld_core.env import LiberoEnv, check_task
 from pld_core.errors import PLDError
 from pld_core.policies import make_policy_factory, validate_policy_spec
-from pld_core.specialist import (StateEncoder, check_encoder, make_trainer, mlflow_log, offline_buffer_from_store,
+from pld_core.specialist import (final_eval_episodes, StateEncoder, check_encoder, make_trainer, mlflow_log, offline_buffer_from_store,
                                  set_torch_threads)
 from tasks import collect_offline, pretrain_critic
 from tasks.collect_offline import base_identity, env_key
@@ -52,7 +52,7 @@ def stage_key(params: Params, base: str, task: int, offline_manifest: dict, crit
     use_base = params.residual.ablation != "no_base"
     return digest_json({
         "stage": STAGE, "env": env_key(params, task), "residual": _residual_params(params),
-        "sac": params.section_dict("sac"), "final_eval_episodes": params.evaluate.episodes,
+        "sac": params.section_dict("sac"), "final_eval_episodes": final_eval_episodes(params),
         "offline": offline_manifest["output_digest"],
         "critic": critic_manifest["output_digest"] if critic_manifest else None,
         "base": base_identity(base) if use_base else None,
@@ -115,7 +115,7 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
         return finish_manifest(
             work, STAGE, key,
             params={"env": env_key(params, task), "residual": _residual_params(params), "sac": params.section_dict("sac"),
-                    "final_eval_episodes": params.evaluate.episodes},
+                    "final_eval_episodes": final_eval_episodes(params)},
             inputs={"base": base_identity(base) if use_base else None,
                     "offline": {"dir": str(offline_dir), "output_digest": offline_manifest["output_digest"]},
                     "critic": {"dir": str(critic_dir), "output_digest": critic_manifest["output_digest"]} if critic_manifest else None},
@@ -142,6 +142,7 @@ def bench_specialist(params: Params, suite: str, task: int, ablation: str = "non
     raw["env"]["suite"] = suite
     raw["env"]["tasks"] = [int(task)]
     raw["residual"]["ablation"] = ablation
+    raw["residual"]["final_eval_episodes"] = None  # the bench's number: evaluate.episodes (50) initial states
     params = validate_params(raw, source="bench specialist")
     check_task(suite, task)
     base = base or params.base.path

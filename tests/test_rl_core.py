@@ -538,3 +538,23 @@ def test_td_target_is_clipped_to_the_possible_returns():
     assert SACParams(target_bounds=[0, 1]).to_sac_config().target_bounds == (0.0, 1.0)
     with pytest.raises(Exception, match="lo < hi"):
         SACParams(target_bounds=[1, 0])
+
+
+def test_residual_l2_adds_the_mean_penalty_and_pulls_the_mean_to_zero():
+    batch = random_batch(B=32)
+    losses, grads = {}, {}
+    for l2 in (0.0, 0.5):
+        torch.manual_seed(0)
+        sac = small_sac(xi=0.5, init_temperature=1e-4, residual_l2=l2, grad_clip=1e9)
+        constant_critic(sac, 0.3)  # no action gradient: only the penalty (and the tiny entropy term) acts
+        torch.nn.init.constant_(sac.actor.mean_head.bias, 1.0)
+        with torch.no_grad():
+            mean0 = sac.actor.deterministic(batch["obs"], batch["base_action"])
+        sac.actor_optim.step = lambda: None  # keep the weights: compare the gradients of one loss
+        torch.manual_seed(1)
+        losses[l2] = sac.update_actor(batch)["actor_loss"]
+        grads[l2] = sac.actor.mean_head.bias.grad.clone()
+    assert np.isclose(losses[0.5] - losses[0.0], 0.5 * mean0.pow(2).sum(-1).mean().item(), rtol=1e-3)
+    # d/d(bias) of 0.5 * tanh(mu)^2 = tanh(mu) (1 - tanh(mu)^2) > 0: gradient descent lowers a positive mean
+    expected = (0.5 * 2 * mean0 * (1 - mean0.pow(2))).mean(0)
+    assert torch.allclose(grads[0.5] - grads[0.0], expected, atol=1e-4) and (expected > 0).all()
