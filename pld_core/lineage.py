@@ -89,11 +89,14 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
 def register_base(client, model_name: str, version: int, checkpoint: Path, run_id: str, parent: int | None,
                   dataset_digest: str | None, specialist_runs: list[str], success_rate: float | None) -> str:
-    """Register base ``v<version>``; idempotent (an existing version with the same pld_version is reused)."""
+    """Register base ``v<version>``; idempotent: a registry version with the same pld_version *and* the
+    same checkpoint content (its stage manifest's output digest) is reused. A rebuilt base (new params,
+    new data) gets a new registry version, and :func:`lineage` reads the newest one per pld_version."""
     with contextlib.suppress(Exception):
         client.create_registered_model(model_name, description="PLD flywheel base policies (one version per flywheel iteration)")
+    digest = checkpoint_digest(Path(checkpoint))
     for mv in client.search_model_versions(f"name='{model_name}'"):
-        if mv.tags.get("pld_version") == str(version):
+        if mv.tags.get("pld_version") == str(version) and mv.tags.get("base_digest", "") == (digest or ""):
             return mv.version
     artifact_path = f"base_v{version}"
     client.log_artifacts(run_id, str(checkpoint), artifact_path)
@@ -105,6 +108,7 @@ def register_base(client, model_name: str, version: int, checkpoint: Path, run_i
         "specialist_runs": ",".join(specialist_runs),
         "success_rate": "" if success_rate is None else f"{success_rate:.4f}",
         "checkpoint": str(Path(checkpoint).resolve()),
+        "base_digest": digest or "",
     }
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
                                      description=f"base v{version}" + (f", fine-tuned from v{parent}" if parent is not None else ""))
@@ -112,8 +116,30 @@ def register_base(client, model_name: str, version: int, checkpoint: Path, run_i
     return mv.version
 
 
+def checkpoint_digest(checkpoint: Path) -> str | None:
+    """The output digest of the stage that made ``checkpoint`` (its dir or the parent's manifest)."""
+    import json
+
+    for d in (checkpoint, checkpoint.parent):
+        f = d / "manifest.json"
+        if f.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads(f.read_text()).get("output_digest")
+    return None
+
+
+def _current(versions) -> list:
+    """The newest registry version of each pld_version (a rebuilt base supersedes the older entry)."""
+    latest: dict[str, object] = {}
+    for v in versions:
+        key = v.tags.get("pld_version", "-1")
+        if key not in latest or int(v.version) > int(latest[key].version):
+            latest[key] = v
+    return list(latest.values())
+
+
 def update_aliases(client, model_name: str) -> None:
-    versions = client.search_model_versions(f"name='{model_name}'")
+    versions = _current(client.search_model_versions(f"name='{model_name}'"))
     if not versions:
         return
     newest = max(versions, key=lambda v: int(v.tags.get("pld_version", -1)))
@@ -127,7 +153,7 @@ def update_aliases(client, model_name: str) -> None:
 def lineage(client, model_name: str) -> list[dict]:
     """The registered base versions, oldest first."""
     try:
-        versions = client.search_model_versions(f"name='{model_name}'")
+        versions = _current(client.search_model_versions(f"name='{model_name}'"))
     except Exception:
         return []
     rows = []

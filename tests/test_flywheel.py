@@ -141,3 +141,24 @@ def test_dvc_repro_runs_once_then_nothing_then_downstream_only(tmp_path):
     out = run("repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"sft", "evaluate"}, out[-2000:]
+
+
+def test_a_rebuilt_base_gets_a_new_registry_version_and_lineage_reads_it(tmp_path):
+    from pld_core import lineage
+
+    client = lineage.setup(f"sqlite:///{tmp_path / 'm.db'}", "e", "art", root=tmp_path)
+    import mlflow
+
+    ckpt = tmp_path / "base_v0" / "pretrained_model"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    (ckpt.parent / "manifest.json").write_text(json.dumps({"output_digest": "aaa"}))
+    with mlflow.start_run() as r:
+        first = lineage.register_base(client, "m", 0, ckpt, r.info.run_id, None, None, [], 0.5)
+        assert lineage.register_base(client, "m", 0, ckpt, r.info.run_id, None, None, [], 0.5) == first  # idempotent
+        (ckpt.parent / "manifest.json").write_text(json.dumps({"output_digest": "bbb"}))  # base rebuilt
+        second = lineage.register_base(client, "m", 0, ckpt, r.info.run_id, None, None, ["run1"], 0.7)
+    assert int(second) > int(first)
+    rows = lineage.lineage(client, "m")
+    assert len(rows) == 1 and rows[0]["success_rate"] == 0.7 and rows[0]["specialist_runs"] == ["run1"]
+    assert client.get_model_version_by_alias("m", "newest").version == second
