@@ -69,7 +69,8 @@ def test_smoke_flywheel_through_prefect_and_dask(smoke_run):
     from pld_core.perfbench import _manifests
 
     ms = _manifests(data)
-    assert len(ms) == len(stages) and all(m["compute_seconds"] is not None and m["compute_seconds"] > 0 for m in ms), ms
+    assert len(ms) == len(stages) and all(m["compute_seconds"] is not None and m["compute_seconds"] >= 0 for m in ms), ms
+    assert all(m["compute_seconds"] > 0.5 for m in ms if m["stage"] in ("train_residual", "collect_pld", "sft", "evaluate")), ms
     assert sum(m["compute_seconds"] for m in ms) < seconds  # one task, sequential stages: compute <= wall
 
 

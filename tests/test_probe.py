@@ -168,9 +168,9 @@ def trained(probe, env, tmp_path_factory):
     samples: list[tuple[int, int]] = []
     original = ReplayBuffer.sample
 
-    def recording_sample(self, batch_size, rng):
+    def recording_sample(self, batch_size, rng, n_step=1):
         samples.append((id(self), batch_size))
-        return original(self, batch_size, rng)
+        return original(self, batch_size, rng, n_step)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ReplayBuffer, "sample", recording_sample)
@@ -244,7 +244,7 @@ def test_ablation_switches(probe, env, tmp_path, ablation):
     samples: list[int] = []
     original = ReplayBuffer.sample
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ReplayBuffer, "sample", lambda self, n, rng: (samples.append(id(self)), original(self, n, rng))[1])
+        mp.setattr(ReplayBuffer, "sample", lambda self, n, rng, n_step=1: (samples.append(id(self)), original(self, n, rng, n_step))[1])
         trainer = make_trainer(probe, env, params, tmp_path, base=base)
         trainer.run()
     log = trainer.episode_log
