@@ -124,14 +124,7 @@ def cmd_bench(args) -> int:
     if args.bench == "overhead":
         from pld_core import perfbench
 
-        result = perfbench.bench_overhead(args.params, profile=args.profile or "smoke", root=args.root,
-                                          log=lambda s: print(s, file=sys.stderr, flush=True))
-        result["machine"] = f"{os.cpu_count()} cores"
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2))
-        print(json.dumps(result))
-        return 0
+        return _bench_result(perfbench.bench_overhead(args.params, profile=args.profile or "smoke", root=args.root, log=_stderr), args.out)
     if args.bench in ("loop", "replay", "collect"):
         from pld_core import perfbench
         from pld_core.config import load_params, parse_overrides
@@ -139,21 +132,29 @@ def cmd_bench(args) -> int:
         if args.seconds is not None and args.seconds <= 0:
             raise PLDError(f"--seconds must be positive, got {args.seconds}")
         params = load_params(args.params, args.profile, parse_overrides(args.set or []))
-        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
         if args.bench == "loop":
-            result = perfbench.bench_loop(params, seconds=args.seconds or 60.0, suite=args.suite, task=args.task, base=args.base, log=log)
+            result = perfbench.bench_loop(params, seconds=args.seconds or 60.0, suite=args.suite, task=args.task, base=args.base, log=_stderr)
         elif args.bench == "replay":
             result = perfbench.bench_replay(params, seconds=args.seconds or 20.0, suite=args.suite)
         else:
             result = perfbench.bench_collect(params, workers=args.workers, episodes=args.episodes, suite=args.suite, task=args.task,
-                                             base=args.base, log=log)
-        result["machine"] = f"{os.cpu_count()} cores"
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2))
-        print(json.dumps(result))
-        return 0
+                                             base=args.base, log=_stderr)
+        return _bench_result(result, args.out)
     raise PLDError(f"unknown benchmark '{args.bench}'")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _bench_result(result: dict, out: str | None) -> int:
+    """A speed bench's result: the machine added, written to ``out`` when asked, printed as the last line."""
+    result["machine"] = f"{os.cpu_count()} cores"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
 
 
 def _params(args):

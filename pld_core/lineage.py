@@ -118,13 +118,13 @@ def register_base(client, model_name: str, version: int, checkpoint: Path, run_i
 
 def checkpoint_digest(checkpoint: Path) -> str | None:
     """The output digest of the stage that made ``checkpoint`` (its dir or the parent's manifest)."""
-    import json
+    from pld_core.artifacts import read_manifest
 
     for d in (checkpoint, checkpoint.parent):
-        f = d / "manifest.json"
-        if f.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                return json.loads(f.read_text()).get("output_digest")
+        with contextlib.suppress(PLDError):  # an unreadable manifest identifies nothing
+            m = read_manifest(d)
+            if m is not None:
+                return m.get("output_digest")
     return None
 
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pld_core.artifacts import MANIFEST, read_manifest
 from pld_core.config import Params, validate_params
 from pld_core.env import EnvSpec, LiberoEnv, check_task, env_state_dim
+from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM
 from pld_core.replay import ReplayBuffer, sample_mixed
 
@@ -242,7 +247,6 @@ def _collect(spec: EnvSpec, factory, workers: int, episodes: int) -> tuple[list,
 def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: str = "libero_object", task: int = 0,
                   base: str | None = None, log=print) -> dict:
     """Episodes/s of W simulator workers over 1 (worker start-up included), on the same episodes."""
-    from pld_core.errors import PLDError
     from pld_core.policies import make_policy_factory, validate_policy_spec
 
     if workers < 1 or episodes < 1:
@@ -277,14 +281,10 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
 
 # ----------------------------------------------------------------------------- overhead
 def _manifests(root: Path) -> list[dict]:
-    import json
-
+    """Every stage manifest under ``root`` (sorted by path): where, which stage, its compute time."""
     out = []
-    for f in sorted(root.rglob("manifest.json")):
-        try:
-            m = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
+    for f in sorted(root.rglob(MANIFEST)):
+        m = read_manifest(f.parent)
         if isinstance(m, dict) and "stage" in m and "key" in m:
             out.append({"dir": str(f.parent.relative_to(root)), "stage": m["stage"], "compute_seconds": m.get("compute_seconds"),
                         "finished_at": m.get("finished_at"), "key": m["key"]})
@@ -292,14 +292,10 @@ def _manifests(root: Path) -> list[dict]:
 
 
 def _run_flywheel(cmd: list[str], cwd: Path, log) -> float:
-    import subprocess
-
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        from pld_core.errors import PLDError
-
         raise PLDError(f"bench overhead: `{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
     log(proc.stdout[-1500:])
     return wall
@@ -315,9 +311,6 @@ def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smok
     Orchestration = wall - compute: interpreter start and imports, Prefect flow/task runs, MLflow runs,
     model registration and figures, manifest checks and digests.
     """
-    import shutil
-    import sys
-
     project = Path(params_path).resolve().parent
     root = Path(root or project / "data" / "bench_overhead").resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -329,8 +322,6 @@ def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smok
         cmd += ["--set", s]
     # imports alone (what every `pld` process pays before any work), for the breakdown
     t0 = time.perf_counter()
-    import subprocess
-
     subprocess.run([sys.executable, "-c", "import flows.flywheel, pld_core.cli, tasks.registry"], cwd=project, check=True)
     import_s = time.perf_counter() - t0
 
@@ -338,11 +329,9 @@ def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smok
     wall = _run_flywheel(cmd, project, log)
     first = _manifests(data)
     if not first:
-        from pld_core.errors import PLDError
-
         raise PLDError(f"bench overhead: no stage manifest under {data} after the flywheel ran")
     compute = sum(m["compute_seconds"] or 0.0 for m in first)
-    log(f"bench overhead: cached rerun")
+    log("bench overhead: cached rerun")
     cached = _run_flywheel(cmd, project, log)
     second = _manifests(data)
     rebuilt = [m["dir"] for m, n in zip(first, second) if m["finished_at"] != n["finished_at"]]

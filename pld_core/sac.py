@@ -132,7 +132,7 @@ class ResidualSAC:
         other dims of the executed action are the base's exactly."""
         if not self.cfg.use_base:
             return delta
-        if self.res_dims is not None and delta.shape[-1] != base_action.shape[-1]:
+        if self.res_dims is not None:
             full = torch.zeros_like(base_action)
             full[..., self.res_dims] = delta
             delta = full

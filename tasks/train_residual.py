@@ -31,8 +31,8 @@ from pld_core.config import Params, validate_params
 from pld_core.env import LiberoEnv, check_task
 from pld_core.errors import PLDError
 from pld_core.policies import make_policy_factory, validate_policy_spec
-from pld_core.specialist import (final_eval_episodes, StateEncoder, check_encoder, make_trainer, mlflow_log, offline_buffer_from_store,
-                                 set_torch_threads)
+from pld_core.specialist import (StateEncoder, check_encoder, final_eval_episodes, make_trainer, mlflow_log,
+                                 offline_buffer_from_store, set_torch_threads)
 from tasks import collect_offline, pretrain_critic
 from tasks.collect_offline import base_identity, env_key
 from tasks.pretrain_critic import open_offline
