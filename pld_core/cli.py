@@ -173,17 +173,22 @@ def cmd_stage(args) -> int:
 
 
 def cmd_flywheel(args) -> int:
-    from flows.flywheel import flywheel
-    from pld_core.locking import data_lock
-    from pld_core.report import print_lineage, write_figures
-    from tasks.common import Layout
+    from flows.api import prefect_api
 
-    params = _params(args)
-    layout = Layout.of(params)
     t0 = time.time()
-    with data_lock(layout.root):
-        flywheel(params, args.iterations)
-    write_figures(params)
+    with prefect_api() as api_ready:  # its start-up (a subprocess) overlaps the imports and MLflow set-up below
+        params = _params(args)
+        from flows.flywheel import _mlflow_setup, flywheel
+        from pld_core.locking import data_lock
+        from pld_core.report import print_lineage, write_figures
+        from tasks.common import Layout
+
+        layout = Layout.of(params)
+        with data_lock(layout.root):
+            _mlflow_setup(params, Path.cwd())
+            api_ready()
+            flywheel(params, args.iterations)
+        write_figures(params)
     print_lineage(params)
     print(f"flywheel finished in {time.time() - t0:.0f} s; artifacts under {layout.root}")
     return 0
@@ -367,5 +372,20 @@ def _no_space_message(e: OSError, args) -> str:
             "flywheel.data_dir (or --out) elsewhere; a rerun keeps what was completed")
 
 
+def entry() -> None:
+    """The `pld` console script: `main()`, then the exit handlers (atexit, weakref finalizers, log
+    handlers) as at any exit, and then no module-by-module interpreter teardown, which costs 1.5-2 s
+    with torch, Prefect and MLflow loaded. Only for a whole process: `main()` is what tests call."""
+    import atexit
+    import logging
+
+    code = main()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -280,10 +280,14 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
 
 
 # ----------------------------------------------------------------------------- overhead
-def _manifests(root: Path) -> list[dict]:
-    """Every stage manifest under ``root`` (sorted by path): where, which stage, its compute time."""
+def _manifests(root: Path, exclude: Path | None = None) -> list[dict]:
+    """Every stage manifest under ``root`` (sorted by path): where, which stage, its compute time.
+    ``exclude``: a folder whose copies do not count (MLflow's artifact store keeps a copy of each
+    registered checkpoint, manifest included)."""
     out = []
     for f in sorted(root.rglob(MANIFEST)):
+        if exclude is not None and f.is_relative_to(exclude):
+            continue
         m = read_manifest(f.parent)
         if isinstance(m, dict) and "stage" in m and "key" in m:
             out.append({"dir": str(f.parent.relative_to(root)), "stage": m["stage"], "compute_seconds": m.get("compute_seconds"),
@@ -327,17 +331,17 @@ def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smok
 
     log(f"bench overhead: pld flywheel --profile {profile} in {data} (fresh)")
     wall = _run_flywheel(cmd, project, log)
-    first = _manifests(data)
+    first = _manifests(data, exclude=data / "mlartifacts")
     if not first:
         raise PLDError(f"bench overhead: no stage manifest under {data} after the flywheel ran")
     compute = sum(m["compute_seconds"] or 0.0 for m in first)
     log("bench overhead: cached rerun")
     cached = _run_flywheel(cmd, project, log)
-    second = _manifests(data)
+    second = _manifests(data, exclude=data / "mlartifacts")
     rebuilt = [m["dir"] for m, n in zip(first, second) if m["finished_at"] != n["finished_at"]]
     per_stage: dict[str, float] = {}
-    for m in first:
-        per_stage[m["stage"]] = round(per_stage.get(m["stage"], 0.0) + (m["compute_seconds"] or 0.0), 2)
+    for m in first:  # by output dir: evaluate_v0 and evaluate are one stage function with two outputs
+        per_stage[m["dir"]] = round(per_stage.get(m["dir"], 0.0) + (m["compute_seconds"] or 0.0), 2)
     return {
         "ratio": round(wall / max(compute, 1e-9), 3),
         "orchestration_share": round(1.0 - compute / wall, 3),

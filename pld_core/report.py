@@ -3,6 +3,7 @@ and end-effector paths of base rollouts vs PLD episodes (the paper's Figure 10 v
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -93,25 +94,58 @@ def write_lineage_picture(params: Params, out: str | None = None) -> Path | None
     return path
 
 
+def _eef_sources(params: Params, layout) -> tuple[int, dict[str, tuple[Path, str]]]:
+    """The newest iteration's stores for the end-effector picture of the first task."""
+    suite, task = params.env.suite, params.env.tasks[0]
+    k = 0
+    while layout.iteration(k + 1).exists():
+        k += 1
+    return k, {
+        "base rollouts (offline)": (layout.offline(k, suite, task) / "offline.zarr", "tab:blue"),
+        "specialist rollouts": (layout.pld(k, suite, task) / "specialist_rollouts.zarr", "tab:orange"),
+        "PLD episodes": (layout.pld(k, suite, task) / "pld.zarr", "tab:green"),
+    }
+
+
+def _figures_key(params: Params, layout, reports: dict) -> str:
+    """What the pictures are drawn from: the evaluation reports and the stores' stage manifests."""
+    from pld_core.artifacts import digest_json, read_manifest
+
+    _, sources = _eef_sources(params, layout)
+    stores = {label: ((read_manifest(path.parent) or {}).get("output_digest") if path.exists() else None)
+              for label, (path, _) in sources.items()}
+    return digest_json({"reports": reports, "stores": stores, "suite": params.env.suite, "tasks": params.env.tasks})
+
+
 def write_figures(params: Params) -> list[Path]:
-    """Success per task over base versions, and end-effector paths for the first task; logged to MLflow."""
+    """Success per task over base versions, and end-effector paths for the first task; logged to MLflow.
+    Skipped (nothing redrawn or re-logged) when the reports and stores they are drawn from are unchanged."""
+    from pld_core.artifacts import write_json_atomic
+
+    layout = _layout(params)
+    fig_dir = layout.figures()
+    reports = eval_reports(params)
+    key = _figures_key(params, layout, reports)
+    index = fig_dir / "figures.json"
+    with contextlib.suppress(OSError, ValueError):
+        done = json.loads(index.read_text())
+        if done.get("key") == key and all((fig_dir / f).is_file() for f in done.get("files", [])):
+            return [fig_dir / f for f in done["files"]]
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layout = _layout(params)
-    fig_dir = layout.figures()
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    reports = eval_reports(params)
     if reports:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         versions = sorted(reports)
         keys = list(reports[versions[0]]["tasks"])
-        for key in keys:
-            ys = [reports[v]["tasks"].get(key, {}).get("success_rate", np.nan) for v in versions]
-            ax.plot(versions, ys, marker="o", label=key)
+        for key_ in keys:
+            ys = [reports[v]["tasks"].get(key_, {}).get("success_rate", np.nan) for v in versions]
+            ax.plot(versions, ys, marker="o", label=key_)
         means = [reports[v]["mean"] for v in versions]
         lo = [reports[v]["mean_ci95"][0] for v in versions]
         hi = [reports[v]["mean_ci95"][1] for v in versions]
@@ -140,6 +174,7 @@ def write_figures(params: Params) -> list[Path]:
                 client.log_artifact(runs[0].info.run_id, str(f), "figures")
     except Exception:
         pass  # figures are on disk either way
+    write_json_atomic(index, {"key": key, "files": [f.name for f in written]})
     return written
 
 
@@ -149,14 +184,7 @@ def _eef_paths(params: Params, layout, fig_dir: Path) -> Path | None:
     from pld_core.store import TrajectoryStore
 
     suite, task = params.env.suite, params.env.tasks[0]
-    k = 0
-    while layout.iteration(k + 1).exists():
-        k += 1
-    sources = {
-        "base rollouts (offline)": (layout.offline(k, suite, task) / "offline.zarr", "tab:blue"),
-        "specialist rollouts": (layout.pld(k, suite, task) / "specialist_rollouts.zarr", "tab:orange"),
-        "PLD episodes": (layout.pld(k, suite, task) / "pld.zarr", "tab:green"),
-    }
+    k, sources = _eef_sources(params, layout)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     drawn = False
     for label, (path, color) in sources.items():

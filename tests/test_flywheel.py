@@ -104,11 +104,13 @@ def test_lineage_in_mlflow_registry(smoke_run):
 def test_rerun_skips_every_stage(smoke_run):
     tmp, _, first_seconds = smoke_run
     before = manifests(tmp / "data")
+    figures = {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()}
     t0 = time.time()
     r = pld("flywheel", *smoke_overrides(tmp, runner="sequential"))
     seconds = time.time() - t0
     assert r.returncode == 0, r.stderr[-2000:]
     assert manifests(tmp / "data") == before  # nothing rebuilt
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()} == figures  # nor redrawn
     assert seconds < first_seconds / 2, (seconds, first_seconds)
 
 

@@ -256,3 +256,45 @@ def test_bench_loop_prints_json():
     out = _bench("loop", "--seconds", "2")
     assert {"ratio", "sync_ratio", "bare_steps_per_s", "async_steps_per_s", "sync_steps_per_s", "updates_per_s", "seconds"} <= set(out)
     assert out["ratio"] > 0 and out["sync_ratio"] > 0 and out["updates_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------- orchestration overhead
+def test_prefect_api_starts_a_server_and_defers_to_a_configured_one(tmp_path, monkeypatch):
+    """`pld flywheel`'s temporary Prefect API answers /health, is gone after the block, and is not
+    started at all when PREFECT_API_URL is set (in the environment or the active Prefect profile)."""
+    import urllib.request
+
+    from flows import api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(tmp_path / "profiles.toml"))
+    with api.prefect_api() as ready:
+        url = os.environ["PREFECT_API_URL"]
+        ready()
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            assert r.status == 200
+    assert "PREFECT_API_URL" not in os.environ
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+
+    (tmp_path / "profiles.toml").write_text('active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "http://10.0.0.1:4200/api"\n')
+    assert api._configured_api() == "http://10.0.0.1:4200/api"
+    with api.prefect_api() as ready:
+        ready()
+        assert "PREFECT_API_URL" not in os.environ  # Prefect reads the profile itself
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.2:4200/api")
+    with api.prefect_api():
+        assert os.environ["PREFECT_API_URL"] == "http://10.0.0.2:4200/api"
+
+
+def test_cli_entry_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
+    """`pld` skips the interpreter teardown, not the atexit handlers, and keeps the command's exit code."""
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys; from pathlib import Path; "
+            f"atexit.register(lambda: Path({str(marker)!r}).write_text('yes')); "
+            "sys.argv = ['pld', 'stage', 'no-such-stage']; from pld_core.cli import entry; entry()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "unknown stage 'no-such-stage'" in r.stderr
+    assert marker.read_text() == "yes"
