@@ -138,7 +138,7 @@ def cmd_bench(args) -> int:
             result = perfbench.bench_replay(params, seconds=args.seconds or 20.0, suite=args.suite)
         else:
             result = perfbench.bench_collect(params, workers=args.workers, episodes=args.episodes, suite=args.suite, task=args.task,
-                                             base=args.base, log=_stderr)
+                                             base=args.base, batch_base=args.batch_base, log=_stderr)
         return _bench_result(result, args.out)
     raise PLDError(f"unknown benchmark '{args.bench}'")
 
@@ -298,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=None,
                    help="`loop`: seconds per measurement (default 60); `replay`: in all (default 20)")
     b.add_argument("--workers", type=int, default=2, help="`collect`: simulator worker processes (compared with 1)")
+    b.add_argument("--batch-base", action="store_true", help="`collect`: the workers share one LeRobot base, its calls batched")
     b.add_argument("--stages", default=None, help="`faults`: comma-separated stages to kill (default: all of the profile's)")
     b.add_argument("--reuse-reference", action="store_true", help="`faults`: keep a complete never-killed run from a previous call")
     b.set_defaults(func=cmd_bench)

@@ -154,6 +154,9 @@ class FlywheelParams(Section):
     # simulators run at once (worker processes) by collect_offline, collect_pld and evaluate; 1 = in-process.
     # Results do not depend on it (every episode is a function of its task, initial state and seed).
     collect_workers: int = Field(2, ge=1)
+    # with collect_workers > 1: load a LeRobot base once, in the stage's process, and batch its calls
+    # across the simulators (pld_core/base_server.py) instead of one copy per worker
+    batch_base: bool = False
 
 
 class MLflowParams(Section):

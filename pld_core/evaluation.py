@@ -24,6 +24,7 @@ def evaluate(
     seed: int = 0,
     show_progress: bool = True,
     workers: int = 1,
+    serve_base=None,
 ) -> dict:
     """Roll out on initial states 0..episodes-1 of each task (wrapping past the suite's 50).
 
@@ -41,7 +42,7 @@ def evaluate(
     results: dict[int, list[tuple[bool, int]]] = {t: [] for t in tasks}
     jobs = [(task, (k % len(init_states(suite, task)), seed + k)) for task in tasks for k in range(episodes)]
     spec = EnvSpec(suite, tasks[0] if tasks else 0, mode=mode, image_size=image_size, max_objects=max_objects)
-    with EpisodePool(spec, make_policy, workers) as pool, Progress(transient=True, disable=not show_progress) as progress:
+    with EpisodePool(spec, make_policy, workers, serve_base=serve_base) as pool, Progress(transient=True, disable=not show_progress) as progress:
         bar = progress.add_task(f"eval {suite}", total=len(jobs))
         for (task, _), outcome in zip(jobs, pool.imap(outcome_episode, jobs)):
             results[task].append(outcome)

@@ -127,8 +127,12 @@ class _Worker:
         self.env = self.policy = self.task = None
 
 
-def _worker_main(env_spec, make_policy, max_steps, jobs, results, parent_pid) -> None:
+def _worker_main(env_spec, make_policy, max_steps, jobs, results, parent_pid, served=None) -> None:
     child_setup(parent_pid)
+    if served is not None:  # (spec, pipe): the pool's process serves that base (pld_core.base_server)
+        from pld_core.base_server import install_remote
+
+        install_remote(*served)
     worker = _Worker(env_spec, make_policy, max_steps)
     while True:
         try:
@@ -158,10 +162,17 @@ class EpisodePool:
 
     ``fn`` must be a module-level function and ``make_policy`` picklable when ``workers > 1``.
     Use as a context manager (closing stops the workers; results not yet asked for are dropped).
+
+    ``serve_base``: the base's :class:`~pld_core.policies.PolicyFactory`; with ``workers > 1`` and a
+    LeRobot checkpoint that allows it, the base is loaded once, here, and its calls are batched across
+    the workers (:mod:`pld_core.base_server`); ``base_batch_sizes`` then records each forward pass's batch.
     """
 
-    def __init__(self, env_spec: EnvSpec, make_policy: Callable, workers: int = 1, max_steps: int | None = None):
+    def __init__(self, env_spec: EnvSpec, make_policy: Callable, workers: int = 1, max_steps: int | None = None,
+                 serve_base=None, log: Callable[[str], None] | None = None):
         self.env_spec, self.make_policy, self.max_steps = env_spec, make_policy, max_steps
+        self.serve_base, self.log = serve_base, log
+        self._server = None
         self.workers = max(1, int(workers))
         if self.workers > 1:
             try:
@@ -181,9 +192,39 @@ class EpisodePool:
     def _start(self) -> None:
         ctx = spawn_context()
         self._jobs, self._results = ctx.Queue(), ctx.Queue()
+        pipes = self._start_base_server(ctx)
         for i in range(self.workers):
+            served = (self.serve_base.spec, pipes[i]) if pipes else None
             self._procs.append(start_process(_worker_main, (self.env_spec, self.make_policy, self.max_steps, self._jobs,
-                                                            self._results, os.getpid()), name=f"pld-sim-{i}"))
+                                                            self._results, os.getpid(), served), name=f"pld-sim-{i}"))
+        for end in pipes or []:
+            end.close()  # the worker holds it now; the server sees EOF when that worker is gone
+
+    def _start_base_server(self, ctx) -> list | None:
+        """Load the served base here and start its batching thread; the workers' pipe ends (None: not served)."""
+        from pld_core.policies import is_scripted
+
+        f = self.serve_base
+        if f is None or is_scripted(f.spec):
+            return None
+        from pld_core.base_policy import BasePolicy
+        from pld_core.base_server import BaseServer, unbatchable
+        from pld_core.env import env_state_dim
+
+        e = self.env_spec
+        base = BasePolicy.load(f.spec, obs_mode=f.mode, env_state_dim=env_state_dim(e.suite, e.max_objects), device=f.device)
+        why = unbatchable(base)
+        if why is not None:
+            if self.log:
+                self.log(f"base {f.spec}: loaded per worker, not served in batches ({why})")
+            return None
+        ours, theirs = zip(*(ctx.Pipe() for _ in range(self.workers)))
+        self._server = BaseServer(base, list(ours)).start()
+        return list(theirs)
+
+    @property
+    def base_batch_sizes(self) -> list[int]:
+        return list(self._server.batch_sizes) if self._server is not None else []
 
     def imap(self, fn: Callable, jobs: Iterable[tuple[int, tuple]]) -> Iterator[Any]:
         if self.workers == 1:
@@ -214,6 +255,8 @@ class EpisodePool:
                 try:
                     idx, ok, value = self._results.get(timeout=POLL_S)
                 except queue.Empty:
+                    if self._server is not None and self._server.error is not None:
+                        raise WorkerError(f"the base server stopped: {self._server.error!r}") from self._server.error
                     dead = [p for p in self._procs if not p.is_alive()]
                     if dead:
                         raise WorkerError(f"simulator worker {dead[0].name} died (exit code {dead[0].exitcode})") from None
@@ -250,6 +293,8 @@ class EpisodePool:
         self._results.cancel_join_thread()
         self._procs = []
         self._in_flight = 0
+        if self._server is not None:
+            self._server.stop()  # its pipes hit EOF once the workers are gone
 
 
 # ----------------------------------------------------------------------------- episode functions

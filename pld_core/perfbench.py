@@ -106,7 +106,7 @@ def bench_loop(params: Params, seconds: float = 60.0, suite: str = "libero_objec
     """
     import tempfile
 
-    from pld_core.policies import make_policy_factory, validate_policy_spec
+    from pld_core.policies import is_scripted, make_policy_factory, validate_policy_spec
     from pld_core.specialist import SpecialistTrainer, StateEncoder, set_torch_threads
 
     base = base or DEFAULT_BASE
@@ -230,23 +230,27 @@ def _ready(env, policy) -> int:
     return os.getpid()
 
 
-def _collect(spec: EnvSpec, factory, workers: int, episodes: int) -> tuple[list, float, float]:
-    """(results, seconds for the episodes, seconds to start the workers and build their envs)."""
+def _collect(spec: EnvSpec, factory, workers: int, episodes: int, serve_base=None) -> tuple[list, float, float, list]:
+    """(results, seconds for the episodes, seconds to start the workers and build their envs,
+    actions of every episode, the served base's batch sizes)."""
     from pld_core.parallel import EpisodePool, record_episode
 
     jobs = [(spec.task, (k % spec.n_init_states, k, 0.99)) for k in range(episodes)]
     t0 = time.time()
-    with EpisodePool(spec, factory, workers) as pool:
+    with EpisodePool(spec, factory, workers, serve_base=serve_base) as pool:
         list(pool.imap(_ready, [(spec.task, ())] * workers))  # start-up, timed apart
         t1 = time.time()
-        out = [(ok, length, _digest_episode(ep)) for ok, length, ep in pool.imap(record_episode, jobs)]
+        eps = list(pool.imap(record_episode, jobs))
         t2 = time.time()
-    return out, t2 - t1, t1 - t0
+        sizes = pool.base_batch_sizes
+    out = [(ok, length, _digest_episode(ep)) for ok, length, ep in eps]
+    return out, t2 - t1, t1 - t0, [ep.steps["action"] for _, _, ep in eps], sizes
 
 
 def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: str = "libero_object", task: int = 0,
-                  base: str | None = None, log=print) -> dict:
-    """Episodes/s of W simulator workers over 1 (worker start-up included), on the same episodes."""
+                  base: str | None = None, batch_base: bool = False, log=print) -> dict:
+    """Episodes/s of W simulator workers over 1 (worker start-up included), on the same episodes.
+    ``batch_base``: the W workers share one copy of a LeRobot base, its calls batched (pld_core/base_server.py)."""
     from pld_core.policies import make_policy_factory, validate_policy_spec
 
     if workers < 1 or episodes < 1:
@@ -256,10 +260,13 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
     check_task(suite, task)
     spec = EnvSpec(suite, task, mode="state", max_objects=params.env.max_objects)
     factory = make_policy_factory(base, mode="state", device=params.device, seed=0)
-    serial, t1, start1 = _collect(spec, factory, 1, episodes)
+    if batch_base and is_scripted(base):
+        raise PLDError("bench collect --batch-base needs a LeRobot base. Fix: --base data/base_v0/pretrained_model (or another checkpoint)")
+    serial, t1, start1, acts1, _ = _collect(spec, factory, 1, episodes)
     log(f"1 worker: {episodes / t1:.3f} episodes/s (start-up {start1:.1f} s)")
-    parallel, tw, startw = _collect(spec, factory, workers, episodes)
-    log(f"{workers} workers: {episodes / tw:.3f} episodes/s (start-up {startw:.1f} s)")
+    parallel, tw, startw, actsw, sizes = _collect(spec, factory, workers, episodes, serve_base=factory if batch_base else None)
+    log(f"{workers} workers{' sharing one batched base' if batch_base else ''}: {episodes / tw:.3f} episodes/s (start-up {startw:.1f} s)")
+    same_len = all(a.shape == b.shape for a, b in zip(acts1, actsw))
     return {
         "ratio": round(t1 / tw, 3),
         "ratio_is": "episodes/s with W workers over 1 worker, once the workers have started (start-up apart)",
@@ -273,7 +280,12 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
         "steps_per_s": round(sum(length for _, length, _ in parallel) / tw, 1),
         "serial_steps_per_s": round(sum(length for _, length, _ in serial) / t1, 1),
         "identical": serial == parallel,
+        "max_action_diff": float(max(np.abs(a - b).max() for a, b in zip(acts1, actsw))) if same_len else None,
+        "batch_base": bool(batch_base),
+        "base_calls": len(sizes) if batch_base else None,
+        "mean_base_batch": round(float(np.mean(sizes)), 2) if sizes else None,
         "successes": sum(ok for ok, _, _ in parallel),
+        "serial_successes": sum(ok for ok, _, _ in serial),
         "seconds": round(t1 + tw + start1 + startw, 1),
         "suite": suite, "task": int(task), "base": base,
     }

@@ -76,6 +76,11 @@ class PolicyFactory:
     def __call__(self, env: LiberoEnv):
         if is_scripted(self.spec):
             return EpisodeSeededExpert(seed=self.seed + env.task, **parse_scripted(self.spec))
+        from pld_core.base_server import remote_for
+
+        remote = remote_for(self.spec)  # a worker whose pool serves this base in batches
+        if remote is not None:
+            return remote
         if self._policy is None:
             self._policy = LeRobotBase(self.spec, self.mode, env.env_state_dim, self.device)
         return self._policy

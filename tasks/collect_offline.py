@@ -92,7 +92,8 @@ def run(params: Params, out_dir: Path, base: str, task: int, force: bool = False
                    TextColumn("successes"), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
         # episode k: initial state k mod n, seed op.seed * 1_000_003 + k, whichever worker plays it
         jobs = ((task, (k % n_init, op.seed * 1_000_003 + k, gamma)) for k in range(op.max_episodes))
-        with EpisodePool(spec, factory, params.flywheel.collect_workers) as pool, \
+        with EpisodePool(spec, factory, params.flywheel.collect_workers,
+                         serve_base=factory if params.flywheel.batch_base else None) as pool, \
                 Progress(*columns, disable=not show_progress) as progress:
             bar = progress.add_task("collect", total=op.successes, info="")
             for k, (ok, length, episode) in enumerate(pool.imap(record_episode, jobs)):

@@ -91,7 +91,8 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
                 t_base = int(rng.integers(0, t_max + 1))
                 yield task, (attempt % n_init, params.flywheel.seed * 100_000 + attempt, t_base, gamma)
 
-        with EpisodePool(spec, factory, params.flywheel.collect_workers) as pool, \
+        served = make_policy_factory(base, mode=e.mode, device=params.device) if params.flywheel.batch_base else None
+        with EpisodePool(spec, factory, params.flywheel.collect_workers, serve_base=served) as pool, \
                 Progress(transient=True, disable=not show_progress) as progress:
             bar = progress.add_task(f"collect_pld {e.suite}/{task}", total=c.episodes_per_task)
             attempt = 0

@@ -18,7 +18,8 @@ def run(params: Params, out_dir: Path, policy: str, policy_digest: str, label: s
     def build(tmp: Path) -> dict:
         factory = make_policy_factory(policy, mode=e.mode, device=params.device, seed=params.flywheel.seed)
         report = evaluate(factory, e.suite, list(e.tasks), params.evaluate.episodes, mode=e.mode, max_objects=e.max_objects,
-                          image_size=e.image_size, seed=params.flywheel.seed, workers=params.flywheel.collect_workers)
+                          image_size=e.image_size, seed=params.flywheel.seed, workers=params.flywheel.collect_workers,
+                          serve_base=factory if params.flywheel.batch_base else None)
         report["policy"] = policy
         report["label"] = label
         (tmp / "eval.json").write_text(json.dumps(report, indent=2))
