@@ -106,7 +106,7 @@ def bench_loop(params: Params, seconds: float = 60.0, suite: str = "libero_objec
     """
     import tempfile
 
-    from pld_core.policies import is_scripted, make_policy_factory, validate_policy_spec
+    from pld_core.policies import make_policy_factory, validate_policy_spec
     from pld_core.specialist import SpecialistTrainer, StateEncoder, set_torch_threads
 
     base = base or DEFAULT_BASE
@@ -251,7 +251,7 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
                   base: str | None = None, batch_base: bool = False, log=print) -> dict:
     """Episodes/s of W simulator workers over 1 (worker start-up included), on the same episodes.
     ``batch_base``: the W workers share one copy of a LeRobot base, its calls batched (pld_core/base_server.py)."""
-    from pld_core.policies import make_policy_factory, validate_policy_spec
+    from pld_core.policies import is_scripted, make_policy_factory, validate_policy_spec
 
     if workers < 1 or episodes < 1:
         raise PLDError(f"bench collect: --workers ({workers}) and --episodes ({episodes}) must be positive")

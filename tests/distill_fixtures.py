@@ -67,11 +67,8 @@ def make_store(path: Path, n_episodes: int = 3, length: int = 12, images: bool =
 
 def make_image_act_checkpoint(path: Path, env_dim: int = ENV_DIM) -> Path:
     """An untrained ACT that takes both cameras, saved as LeRobot saves a pretrained_model dir."""
-    import torch
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.act.configuration_act import ACTConfig
-    from lerobot.policies.act.modeling_act import ACTPolicy
-    from lerobot.policies.factory import make_pre_post_processors
 
     h, w = IMG_HW
     inputs = {
@@ -84,11 +81,25 @@ def make_image_act_checkpoint(path: Path, env_dim: int = ENV_DIM) -> Path:
                     pretrained_backbone_weights=None, dim_model=32, n_heads=2, dim_feedforward=64,
                     n_encoder_layers=1, n_decoder_layers=1, latent_dim=8, chunk_size=4, n_action_steps=4,
                     device="cpu")
-    torch.manual_seed(0)
+    return save_untrained_act(path, cfg)
+
+
+def save_untrained_act(path: Path, cfg, seed: int = 0, random_stats: bool = False) -> Path:
+    """An ACT built from ``cfg`` (seeded), saved as LeRobot saves a pretrained_model dir, with
+    normalisation stats (mean 0, std 1; or drawn at random, so that normalising matters)."""
+    import torch
+    from lerobot.configs.types import FeatureType
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from lerobot.policies.factory import make_pre_post_processors
+
+    torch.manual_seed(seed)
     policy = ACTPolicy(cfg)
-    stats = {k: {"mean": np.zeros(ft.shape if ft.type is not FeatureType.VISUAL else (3, 1, 1), np.float32),
-                 "std": np.ones(ft.shape if ft.type is not FeatureType.VISUAL else (3, 1, 1), np.float32)}
-             for k, ft in {**inputs, **cfg.output_features}.items()}
+    rng = np.random.default_rng(seed)
+    stats = {}
+    for k, ft in {**cfg.input_features, **cfg.output_features}.items():
+        shape = ft.shape if ft.type is not FeatureType.VISUAL else (3, 1, 1)
+        stats[k] = ({"mean": rng.normal(0, 0.3, shape).astype(np.float32), "std": rng.uniform(0.2, 0.6, shape).astype(np.float32)}
+                    if random_stats else {"mean": np.zeros(shape, np.float32), "std": np.ones(shape, np.float32)})
     pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
     policy.save_pretrained(path)
     pre.save_pretrained(path)

@@ -26,17 +26,19 @@ from pld_core.base_policy import BasePolicy
 from pld_core.base_server import BaseServer, RemoteBase, unbatchable
 from pld_core.env import EnvSpec, env_state_dim
 
+try:
+    from distill_fixtures import save_untrained_act
+except ImportError:  # tests/ became a package
+    from tests.distill_fixtures import save_untrained_act
+
 SUITE, MAX_OBJECTS = "libero_object", 3
 ENV_DIM = env_state_dim(SUITE, MAX_OBJECTS)
 N_ACTION_STEPS = 3
 
 
 def make_state_act(path: Path, seed: int = 0, **cfg_overrides) -> Path:
-    import torch
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.act.configuration_act import ACTConfig
-    from lerobot.policies.act.modeling_act import ACTPolicy
-    from lerobot.policies.factory import make_pre_post_processors
 
     inputs = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
               "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(ENV_DIM,))}
@@ -45,16 +47,7 @@ def make_state_act(path: Path, seed: int = 0, **cfg_overrides) -> Path:
               normalization_mapping={"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ENV": "MEAN_STD", "ACTION": "MEAN_STD"})
     cfg = ACTConfig(input_features=inputs, output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(7,))},
                     **{**kw, **cfg_overrides})
-    torch.manual_seed(seed)
-    policy = ACTPolicy(cfg)
-    rng = np.random.default_rng(seed)
-    stats = {k: {"mean": rng.normal(0, 0.3, ft.shape).astype(np.float32), "std": rng.uniform(0.2, 0.6, ft.shape).astype(np.float32)}
-             for k, ft in {**inputs, **cfg.output_features}.items()}
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    policy.save_pretrained(path)
-    pre.save_pretrained(path)
-    post.save_pretrained(path)
-    return path
+    return save_untrained_act(path, cfg, seed=seed, random_stats=True)
 
 
 @pytest.fixture(scope="module")
