@@ -121,6 +121,10 @@ def cmd_bench(args) -> int:
                              only=[x for x in (args.stages or "").split(",") if x])
         print(json.dumps(summary))
         return 0 if summary["lost"] == 0 else 1
+    if args.bench == "sft-control":
+        from pld_core.controls import sft_control
+
+        return _bench_result(sft_control(_params(args), k=args.iteration, log=_stderr), args.out)
     if args.bench == "overhead":
         from pld_core import perfbench
 
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_store)
 
     b = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
-    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect", "overhead"])
+    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect", "overhead", "sft-control"])
     b.add_argument("--suite", default="libero_object")
     b.add_argument("--tasks", default="all")
     b.add_argument("--task", type=int, default=0)
@@ -299,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="`loop`: seconds per measurement (default 60); `replay`: in all (default 20)")
     b.add_argument("--workers", type=int, default=2, help="`collect`: simulator worker processes (compared with 1)")
     b.add_argument("--batch-base", action="store_true", help="`collect`: the workers share one LeRobot base, its calls batched")
+    b.add_argument("--iteration", type=int, default=0, help="`sft-control`: the iteration whose SFT is controlled")
     b.add_argument("--stages", default=None, help="`faults`: comma-separated stages to kill (default: all of the profile's)")
     b.add_argument("--reuse-reference", action="store_true", help="`faults`: keep a complete never-killed run from a previous call")
     b.set_defaults(func=cmd_bench)

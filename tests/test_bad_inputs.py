@@ -676,3 +676,12 @@ def test_every_profile_validates_offline():
     pi = load_params(ROOT / "params.yaml", "pi05-libero")
     assert pi.env.mode == "images" and pi.base.policy["type"] == "pi05" and pi.sft.lora == {"r": 32}
     assert pi.device == "cuda"
+    assert pi.flywheel.batch_base and pi.flywheel.collect_workers > 1  # one pi0.5 for several simulators
+
+
+def test_sft_control_needs_a_finished_iteration_and_demonstrations(capsys, tmp_path):
+    code, err = pld(capsys, "bench", "sft-control", "--set", f"flywheel.data_dir={tmp_path / 'data'}")
+    assert code == 2 and "iter_0/eval/eval.json not found" in err and "pld flywheel" in err
+    code, err = pld(capsys, "bench", "sft-control", "--profile", "smoke", "--set", f"flywheel.data_dir={tmp_path / 'data'}")
+    assert code == 2 and "base.path" in err and "default profile" in err
+    assert not (tmp_path / "data" / "controls").exists()
