@@ -24,6 +24,7 @@ orphan simulator behind.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import pickle
@@ -215,8 +216,7 @@ class EpisodePool:
         base = BasePolicy.load(f.spec, obs_mode=f.mode, env_state_dim=env_state_dim(e.suite, e.max_objects), device=f.device)
         why = unbatchable(base)
         if why is not None:
-            if self.log:
-                self.log(f"base {f.spec}: loaded per worker, not served in batches ({why})")
+            (self.log or logging.getLogger(__name__).warning)(f"base {f.spec}: loaded per worker, not served in batches ({why})")
             return None
         ours, theirs = zip(*(ctx.Pipe() for _ in range(self.workers)))
         self._server = BaseServer(base, list(ours)).start()
