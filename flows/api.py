@@ -24,7 +24,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pld_core.errors import PLDError
@@ -104,7 +104,7 @@ class _Server:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[callable]:
+def prefect_api() -> Iterator[Callable[[], None]]:
     """Start a temporary Prefect API now (unless one is configured); yields ``ready()``, which blocks
     until it answers. Call it before the first flow run."""
     enabled = os.environ.get("PREFECT_SERVER_EPHEMERAL_ENABLED", "true").strip().lower() not in ("0", "false", "no")

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from pld_core.errors import PLDError
+from pld_core.features import ACT_DIM
 
-ACT_DIM = 7
 _REMOTE: dict[str, Any] = {}  # spec -> connection, in a worker process
 
 
@@ -146,12 +146,9 @@ class BaseServer:
         import torch
 
         base = self.base
-        rows = []
-        for task, obs in zip(tasks, observations):
-            base.task = task
-            rows.append(base.build_batch(obs))
+        rows = [base.build_batch(obs) for obs in observations]
         batch: dict[str, Any] = {k: torch.cat([r[k] for r in rows]) for k in rows[0] if k != "task"}
-        batch["task"] = list(tasks)
+        batch["task"] = list(tasks)  # each row's own instruction
         with torch.inference_mode():
             chunk = base.policy.predict_action_chunk(base.preprocessor(batch))[:, :base.n_action_steps]
             b, n, d = chunk.shape

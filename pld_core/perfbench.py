@@ -230,7 +230,7 @@ def _ready(env, policy) -> int:
     return os.getpid()
 
 
-def _collect(spec: EnvSpec, factory, workers: int, episodes: int, serve_base=None) -> tuple[list, float, float, list]:
+def _collect(spec: EnvSpec, factory, workers: int, episodes: int, serve_base=None) -> tuple[list, float, float, list, list]:
     """(results, seconds for the episodes, seconds to start the workers and build their envs,
     actions of every episode, the served base's batch sizes)."""
     from pld_core.parallel import EpisodePool, record_episode
