@@ -115,6 +115,9 @@ class ResidualParams(Section):
     eval_every: int = Field(5000, gt=0)
     eval_episodes: int = Field(20, gt=0)
     final_eval_episodes: int | None = Field(None, gt=0)  # the specialist's last evaluation (None: evaluate.episodes)
+    # stop early once the specialist is good enough: a periodic eval at or above this success rate triggers a
+    # full one (final_eval_episodes initial states); if that one is too, training ends there and it is the final
+    stop_at: float | None = Field(None, gt=0, le=1)
     ablation: Literal["none", "no_base", "no_offline", "no_calql", "no_probe"] = "none"
     seed: int = Field(0, ge=0)
     encoder: Literal["state", "image"] = "state"  # residual/critic input; "image" (frozen image encoder) is not built yet

@@ -304,9 +304,10 @@ def mlflow_artifacts(paths: list[Path], artifact_path: str | None = None) -> Non
             mlflow.log_artifact(str(p), artifact_path=artifact_path)
 
 
-def steps_to_threshold(curve: list[dict], threshold: float = 0.95) -> int | None:
+def steps_to_threshold(curve: list[dict], threshold: float = 0.95, min_episodes: int = 1) -> int | None:
+    """Env steps of the first evaluation on at least ``min_episodes`` initial states at or above ``threshold``."""
     for point in curve:
-        if point["success_rate"] >= threshold - 1e-9:
+        if point["episodes"] >= min_episodes and point["success_rate"] >= threshold - 1e-9:
             return int(point["env_steps"])
     return None
 
@@ -420,30 +421,40 @@ class SpecialistTrainer:
                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
             with Progress(*columns, disable=not self.show_progress) as progress:
                 bar = progress.add_task("train", total=rp.env_steps, completed=self.env_steps, info="")
-                while self.env_steps < rp.env_steps:
+                early = None  # the full evaluation that ended training early (residual.stop_at)
+                while self.env_steps < rp.env_steps and early is None:
                     self._episode()
                     if self.env_steps >= self.next_eval:
                         if self.env_steps < rp.env_steps:
-                            self._evaluate(rp.eval_episodes)
+                            early = self._periodic_eval()
                         self.next_eval = (self.env_steps // rp.eval_every + 1) * rp.eval_every
-                    if self.env_steps >= self.next_ckpt:
+                    if self.env_steps >= self.next_ckpt and early is None:
                         self.checkpoint()
                         self.next_ckpt = (self.env_steps // rp.checkpoint_every + 1) * rp.checkpoint_every
                     last = self.curve[-1]["success_rate"] if self.curve else float("nan")
                     progress.update(bar, completed=min(self.env_steps, rp.env_steps),
                                     info=f"ep {self.episodes} xi {self.sac.xi:.2f} eval {last:.2f} updates {self.grad_steps}")
             train_seconds = time.time() - t0 - self.eval_seconds
+            # the actor that passed the early-stop evaluation is the result; the learner kept training meanwhile
+            evaluated = {k: v.detach().clone() for k, v in self.sac.actor.state_dict().items()} if early else None
             self.stop()  # async: the learner's final networks replace the actor's copy
+            if evaluated is not None:
+                self.sac.actor.load_state_dict(evaluated)
         finally:
             self.close()
-        final = self._evaluate(final_eval_episodes(self.params), final=True)
+        if early is not None:
+            early["final"] = True
+            final = early
+        else:
+            final = self._evaluate(final_eval_episodes(self.params), final=True)
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "grad_steps": self.grad_steps,
             "mode": self.mode,
             "updates_per_env_step": round(self.grad_steps / max(1, self.env_steps), 3),
-            "steps_to_95": steps_to_threshold(self.curve),
+            "steps_to_95": steps_to_threshold(self.curve, min_episodes=final_eval_episodes(self.params)),
+            "stopped_early": early is not None,
             "final_success_rate": final["success_rate"],
             "ci95": final["ci95"],
             "base_success_rate": self.curve[0]["success_rate"],
@@ -454,6 +465,19 @@ class SpecialistTrainer:
             "xi": self.sac.xi,
             "ablation": self.ablation,
         }
+
+    def _periodic_eval(self) -> dict | None:
+        """The eval every ``eval_every`` steps; with ``stop_at``, a pass triggers the full evaluation.
+
+        Returns the full evaluation's point when it passes too (training ends), else None.
+        """
+        rp = self.rp
+        point = self._evaluate(rp.eval_episodes)
+        if rp.stop_at is None or point["success_rate"] < rp.stop_at - 1e-9:
+            return None
+        n_full = final_eval_episodes(self.params)
+        full = point if point["episodes"] >= n_full else self._evaluate(n_full)
+        return full if full["success_rate"] >= rp.stop_at - 1e-9 else None
 
     def _train_success_rate(self, last: int = 50) -> float | None:
         eps = [e for e in self.episode_log if not e["warmup"]][-last:]

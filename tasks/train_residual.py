@@ -160,7 +160,7 @@ def bench_specialist(params: Params, suite: str, task: int, ablation: str = "non
     result = {
         "suite": suite, "task": int(task), "ablation": ablation, "base": base,
         "steps_to_95": m["steps_to_95"], "final_success_rate": m["final_success_rate"], "ci95": m["ci95"],
-        "env_steps": m["env_steps"], "base_success_rate": m["base_success_rate"],
+        "env_steps": m["env_steps"], "stopped_early": m.get("stopped_early", False), "base_success_rate": m["base_success_rate"],
         "offline_base_success_rate": off["metrics"]["base_success_rate"],
         "env_steps_per_s": m["env_steps_per_s"],
         "curve": [{k: p[k] for k in ("env_steps", "success_rate", "ci95", "episodes")} for p in curve],

@@ -29,7 +29,7 @@ from pld_core.errors import PLDError
 from pld_core.replay import ReplayBuffer
 from pld_core.scripted import ScriptedExpert
 from pld_core.specialist import (EVAL_SEED, SpecialistTrainer, StateEncoder, load_residual, offline_buffer_from_store,
-                                 xi_schedule)
+                                 steps_to_threshold, xi_schedule)
 from pld_core.store import TrajectoryStore, mc_returns
 from tasks import collect_offline, pretrain_critic, train_residual
 
@@ -235,6 +235,34 @@ def test_xi_schedule_and_curve(trained):
     assert trainer.episode_log[0]["xi"] == pytest.approx(0.1)  # warm-up does not advance xi
     assert summary["xi"] == pytest.approx(0.5) and summary["env_steps"] >= 600
     assert [p["env_steps"] for p in trainer.curve] == [0, trainer.env_steps] and trainer.curve[-1]["final"]
+
+
+def test_steps_to_95_counts_only_full_evaluations():
+    curve = [{"env_steps": 0, "success_rate": 0.0, "episodes": 10}, {"env_steps": 100, "success_rate": 1.0, "episodes": 10},
+             {"env_steps": 200, "success_rate": 0.94, "episodes": 50}, {"env_steps": 300, "success_rate": 0.96, "episodes": 50}]
+    assert steps_to_threshold(curve) == 100
+    assert steps_to_threshold(curve, min_episodes=50) == 300
+    assert steps_to_threshold(curve[:3], min_episodes=50) is None
+
+
+def test_stop_at_ends_training_at_a_passing_full_evaluation(probe, env, tmp_path):
+    """A base that solves the task and a residual that never trains (learning_starts beyond the run):
+    the first periodic eval passes, the full one (2 states) confirms, training ends there and that
+    full eval is the final one."""
+    params = validate_params({**tiny(env_steps=3000, eval_every=150, eval_episodes=1, learning_starts=100_000, stop_at=0.95),
+                              "evaluate": {"episodes": 2}})
+    trainer = make_trainer(probe, env, params, tmp_path, base=CountingBase(noise=0.0, seed=0))
+    summary = trainer.run()
+    assert summary["stopped_early"] and 150 <= summary["env_steps"] < 600
+    kinds = [(p["episodes"], p["final"]) for p in trainer.curve]
+    assert kinds == [(1, False), (1, False), (2, True)], trainer.curve
+    assert summary["final_success_rate"] == 1.0 and summary["steps_to_95"] == summary["env_steps"] == trainer.curve[-1]["env_steps"]
+    # without stop_at the same run goes the distance
+    params = validate_params({**tiny(env_steps=450, eval_every=150, eval_episodes=1, learning_starts=100_000),
+                              "evaluate": {"episodes": 2}})
+    trainer = make_trainer(probe, env, params, tmp_path / "full", base=CountingBase(noise=0.0, seed=0))
+    summary = trainer.run()
+    assert not summary["stopped_early"] and summary["env_steps"] >= 450
 
 
 @pytest.mark.parametrize("ablation", ["no_base", "no_offline", "no_probe"])
