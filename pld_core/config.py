@@ -120,7 +120,8 @@ class ResidualParams(Section):
     stop_at: float | None = Field(None, gt=0, le=1)
     ablation: Literal["none", "no_base", "no_offline", "no_calql", "no_probe"] = "none"
     seed: int = Field(0, ge=0)
-    encoder: Literal["state", "image"] = "state"  # residual/critic input; "image" (frozen image encoder) is not built yet
+    encoder: Literal["state", "image"] = "state"  # residual/critic input; image: frozen ResNet-18 latents of both cameras (env.mode: images)
+    image_encoder_weights: str | None = None  # encoder image: a safetensors ResNet-18 state_dict; null = fixed random init
     offline_fraction: float = Field(0.5, ge=0, le=1)  # share of each batch from the offline buffer (RLPD: 0.5)
     torch_threads: int | None = Field(1, ge=1)  # CPU threads for torch (1 is fastest for these small nets); null = torch default
     # sync: one process, updates between env steps (bit-reproducible under the seed);

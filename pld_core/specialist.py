@@ -75,6 +75,7 @@ class StateEncoder:
     (e.g. the task one-hot) get std 1, so they map to 0 instead of blowing up.
     """
 
+    kind = "state"
     keys = ("state", "env_state")
     store_keys = ("obs_state", "obs_env_state")
     CLIP = 10.0
@@ -89,19 +90,26 @@ class StateEncoder:
     def dim(self) -> int:
         return int(self.mean.shape[0])
 
-    @classmethod
-    def fit(cls, raw: np.ndarray) -> "StateEncoder":
+    @staticmethod
+    def fit_stats(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raw = np.asarray(raw, dtype=np.float64)
         if raw.ndim != 2 or len(raw) == 0:
             raise PLDError("state encoder: no observations to fit mean/std on. Fix: collect offline episodes first")
         mean, std = raw.mean(0), raw.std(0)
-        std = np.where(std < 1e-6, 1.0, np.maximum(std, 1e-3))
-        return cls(mean, std)
+        return mean, np.where(std < 1e-6, 1.0, np.maximum(std, 1e-3))
+
+    @classmethod
+    def fit(cls, raw: np.ndarray) -> "StateEncoder":
+        return cls(*cls.fit_stats(raw))
 
     @classmethod
     def from_store(cls, store: TrajectoryStore) -> "StateEncoder":
         steps = store.load(list(cls.store_keys), validate=False)
         return cls.fit(np.concatenate([steps[k] for k in cls.store_keys], axis=1))
+
+    def raw_rows(self, steps: dict[str, np.ndarray]) -> np.ndarray:
+        """Un-normalised rows from store arrays (``store_keys``), as :meth:`raw` gives one observation."""
+        return np.concatenate([steps[k] for k in self.store_keys], axis=1)
 
     def raw(self, obs: dict) -> np.ndarray:
         return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in self.keys])
@@ -122,12 +130,29 @@ class StateEncoder:
         return cls(state["encoder.mean"].numpy(), state["encoder.std"].numpy())
 
 
-def check_encoder(kind: str) -> None:
-    if kind != "state":
-        raise PLDError(
-            f"residual.encoder '{kind}' is not supported yet (a frozen image encoder storing latents is not built). "
-            "Fix: set residual.encoder: state in params.yaml (the base may still use images: env.mode: images)"
-        )
+def check_encoder(kind: str, mode: str | None = None) -> None:
+    if kind not in ("state", "image"):
+        raise PLDError(f"residual.encoder '{kind}' is unknown. Fix: state or image")
+    if kind == "image" and mode is not None and mode != "images":
+        raise PLDError(f"residual.encoder: image needs camera frames, but env.mode is '{mode}'. "
+                       "Fix: set env.mode: images, or residual.encoder: state")
+
+
+def make_encoder(params, store: TrajectoryStore) -> StateEncoder:
+    """The residual's observation encoder for ``params.residual.encoder``, fitted on the offline store."""
+    check_encoder(params.residual.encoder, params.env.mode)
+    if params.residual.encoder == "image":
+        from pld_core.image_encoder import ImageEncoder, build_backbone
+
+        return ImageEncoder.from_store(store, build_backbone(params.residual.image_encoder_weights))
+    return StateEncoder.from_store(store)
+
+
+def encoder_from_tensors(state: dict[str, torch.Tensor], where: str) -> StateEncoder:
+    """The encoder saved with a critic or a specialist (an image trunk when its weights are there)."""
+    from pld_core.image_encoder import ImageEncoder, has_backbone
+
+    return (ImageEncoder if has_backbone(state) else StateEncoder).from_tensors(state, where)
 
 
 # ----------------------------------------------------------------------------- schedules, buffers
@@ -149,7 +174,7 @@ def offline_buffer_from_store(store: TrajectoryStore, encoder: StateEncoder, gam
     """
     names = [*encoder.store_keys, "base_action", "action", "reward", "done", "mc_return", "next_base_action"]
     steps = store.load(names)
-    x = encoder.normalize(np.concatenate([steps[k] for k in encoder.store_keys], axis=1))
+    x = encoder.normalize(encoder.raw_rows(steps))
     ends = store.episode_ends
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
     # mc_return in the store was computed with the collecting stage's gamma
@@ -231,7 +256,7 @@ def save_residual(out_dir: Path, sac: ResidualSAC, encoder: StateEncoder, meta: 
         "act_dim": sac.act_dim,
         "xi": float(sac.xi),
         "sac": dataclasses.asdict(sac.cfg),
-        "encoder": {"type": "state", "keys": list(encoder.keys)},
+        "encoder": {"type": encoder.kind, "keys": list(encoder.keys)},
         **meta,
     }
     (out_dir / RESIDUAL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -267,7 +292,9 @@ def load_residual(path: str | Path, base=None, device: str = "cpu", deterministi
     state = load_file(str(path / RESIDUAL_WEIGHTS))
     sac.load_state_dict(state)
     sac.xi = float(cfg["xi"])
-    encoder = StateEncoder.from_tensors(state, str(path / RESIDUAL_WEIGHTS))
+    encoder = encoder_from_tensors(state, str(path / RESIDUAL_WEIGHTS))
+    if encoder.kind != cfg["encoder"].get("type"):
+        raise PLDError(f"{path}: config.json says encoder '{cfg['encoder'].get('type')}', the weights hold a '{encoder.kind}' encoder. Fix: retrain the specialist")
     if encoder.dim != sac.obs_dim:
         raise PLDError(f"{path}: encoder dim {encoder.dim} != obs_dim {sac.obs_dim}. Fix: retrain the specialist")
     make_base = None

@@ -29,7 +29,8 @@ from pld_core.config import Params
 from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM
 from pld_core.sac import ResidualSAC
-from pld_core.specialist import StateEncoder, check_encoder, offline_buffer_from_store, set_torch_threads
+from pld_core.image_encoder import encoder_weights_identity
+from pld_core.specialist import check_encoder, make_encoder, offline_buffer_from_store, set_torch_threads
 from pld_core.store import TrajectoryStore
 from tasks.collect_offline import STORE_NAME
 
@@ -42,6 +43,7 @@ def stage_key(params: Params, offline_manifest: dict) -> str:
     return digest_json({
         "stage": STAGE, "calql": params.section_dict("calql"), "sac": params.section_dict("sac"),
         "encoder": params.residual.encoder, "seed": params.residual.seed,
+        **({"image_encoder_weights": encoder_weights_identity(params)} if params.residual.encoder == "image" else {}),
         "offline": offline_manifest["output_digest"],
     })
 
@@ -86,7 +88,7 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
     from pld_core.specialist import mlflow_log
 
     out_dir = Path(out_dir)
-    check_encoder(params.residual.encoder)
+    check_encoder(params.residual.encoder, params.env.mode)
     offline_manifest, store = open_offline(offline_dir, params)
     key = stage_key(params, offline_manifest)
     if not force and is_fresh(out_dir, key):
@@ -94,7 +96,7 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
     set_torch_threads(params.residual.torch_threads)
     t0 = time.time()
     with atomic_dir(out_dir) as work:
-        encoder = StateEncoder.from_store(store)
+        encoder = make_encoder(params, store)
         offline = offline_buffer_from_store(store, encoder, params.sac.gamma)
         torch.manual_seed(params.residual.seed)
         rng = np.random.default_rng(params.residual.seed)

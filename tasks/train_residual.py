@@ -31,7 +31,8 @@ from pld_core.config import Params, validate_params
 from pld_core.env import LiberoEnv, check_task
 from pld_core.errors import PLDError
 from pld_core.policies import make_policy_factory, validate_policy_spec
-from pld_core.specialist import (StateEncoder, check_encoder, final_eval_episodes, make_trainer, mlflow_log,
+from pld_core.image_encoder import encoder_weights_identity
+from pld_core.specialist import (StateEncoder, check_encoder, final_eval_episodes, make_encoder, make_trainer, mlflow_log,
                                  offline_buffer_from_store, set_torch_threads)
 from tasks import collect_offline, pretrain_critic
 from tasks.collect_offline import base_identity, env_key
@@ -45,6 +46,11 @@ def _residual_params(params: Params) -> dict:
     d = params.section_dict("residual")
     for speed_only in ("torch_threads", "learner_nice"):
         d.pop(speed_only, None)
+    for newer in ("stop_at", "image_encoder_weights"):  # unset: keys as before these existed
+        if d.get(newer) is None:
+            d.pop(newer, None)
+    if d.get("image_encoder_weights"):
+        d["image_encoder_weights"] = encoder_weights_identity(params)
     return d
 
 
@@ -64,7 +70,7 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
     """Train (or resume, or skip) the specialist of the offline store's task; returns the manifest."""
     out_dir = Path(out_dir)
     rp, ep = params.residual, params.env
-    check_encoder(rp.encoder)
+    check_encoder(rp.encoder, ep.mode)
     use_base = rp.ablation != "no_base"
     use_critic = rp.ablation != "no_calql"
     if use_base:
@@ -87,7 +93,7 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
     t0 = time.time()
     with atomic_dir(out_dir, resume=True) as work:
         (work / RUN_KEY).write_text(key)
-        encoder = StateEncoder.from_store(store)
+        encoder = make_encoder(params, store)
         offline = offline_buffer_from_store(store, encoder, params.sac.gamma)
         critic_state = None
         if use_critic:
