@@ -60,10 +60,17 @@ def base_identity(spec: str) -> dict:
     return {"spec": str(path), "digest": h.hexdigest()[:16]}
 
 
+def base_key(spec: str) -> dict:
+    """The base in a stage key: its content digest where it has one (not its path: a data dir that
+    moves, or a DVC checkout elsewhere, keeps its keys), else the spec (scripted, hub id)."""
+    ident = base_identity(spec)
+    return {"digest": ident["digest"]} if "digest" in ident else ident
+
+
 def stage_key(params: Params, base: str, task: int) -> str:
     return digest_json({
         "stage": STAGE, "env": env_key(params, task), "offline": params.section_dict("offline"),
-        "gamma": params.sac.gamma, "base": base_identity(base),
+        "gamma": params.sac.gamma, "base": base_key(base),
     })
 
 

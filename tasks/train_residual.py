@@ -35,7 +35,7 @@ from pld_core.image_encoder import encoder_weights_identity
 from pld_core.specialist import (StateEncoder, check_encoder, final_eval_episodes, make_encoder, make_trainer, mlflow_log,
                                  offline_buffer_from_store, set_torch_threads)
 from tasks import collect_offline, pretrain_critic
-from tasks.collect_offline import base_identity, env_key
+from tasks.collect_offline import base_identity, base_key, env_key
 from tasks.pretrain_critic import open_offline
 
 STAGE = "train_residual"
@@ -61,7 +61,7 @@ def stage_key(params: Params, base: str, task: int, offline_manifest: dict, crit
         "sac": params.section_dict("sac"), "final_eval_episodes": final_eval_episodes(params),
         "offline": offline_manifest["output_digest"],
         "critic": critic_manifest["output_digest"] if critic_manifest else None,
-        "base": base_identity(base) if use_base else None,
+        "base": base_key(base) if use_base else None,
     })
 
 

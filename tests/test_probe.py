@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,23 @@ def test_xi_schedule_and_curve(trained):
     assert trainer.episode_log[0]["xi"] == pytest.approx(0.1)  # warm-up does not advance xi
     assert summary["xi"] == pytest.approx(0.5) and summary["env_steps"] >= 600
     assert [p["env_steps"] for p in trainer.curve] == [0, trainer.env_steps] and trainer.curve[-1]["final"]
+
+
+def test_stage_keys_follow_the_base_content_not_its_path(tmp_path):
+    """A base directory copied elsewhere (a moved data dir, a DVC checkout) keeps the stage keys."""
+    a = tmp_path / "a" / "pretrained_model"
+    a.mkdir(parents=True)
+    (a / "config.json").write_text('{"type": "act"}')
+    (a / "model.safetensors").write_bytes(b"x" * 100)
+    b = tmp_path / "elsewhere" / "pretrained_model"
+    shutil.copytree(a, b)
+    params = validate_params(tiny())
+    offline = {"output_digest": "o"}
+    assert collect_offline.stage_key(params, str(a), TASK) == collect_offline.stage_key(params, str(b), TASK)
+    assert train_residual.stage_key(params, str(a), TASK, offline, None) == train_residual.stage_key(params, str(b), TASK, offline, None)
+    (b / "config.json").write_text('{"type": "act", "chunk_size": 5}')
+    assert collect_offline.stage_key(params, str(a), TASK) != collect_offline.stage_key(params, str(b), TASK)
+    assert train_residual.stage_key(params, str(a), TASK, offline, None) != train_residual.stage_key(params, str(b), TASK, offline, None)
 
 
 def test_steps_to_95_counts_only_full_evaluations():
