@@ -18,7 +18,13 @@ One task, one specialist. The loop reads top to bottom in :meth:`SpecialistTrain
 Observations for the residual and the critic come from a :class:`StateEncoder`: the concatenation
 of ``state`` (8) and ``env_state`` (objects + task one-hot), normalised with the mean/std of the
 offline store (fixed for the whole run, so the replay holds normalised vectors and Cal-QL, SAC
-and the saved specialist all see the same inputs).
+and the saved specialist all see the same inputs). In ``images`` mode, ``residual.encoder: image``
+swaps in :class:`pld_core.image_encoder.ImageEncoder`: ``state`` plus frozen ResNet-18 latents of
+both cameras, so the replay holds latents, never pixels.
+
+``residual.stop_at`` (e.g. 0.95) ends training early: a periodic evaluation at or above it triggers
+a full one (``final_eval_episodes`` initial states); when that passes too it is the final evaluation
+and the actor it evaluated is the one saved. ``steps_to_95`` counts full evaluations only.
 
 Two modes (``residual.mode``):
 
