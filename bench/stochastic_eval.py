@@ -6,8 +6,7 @@ import time
 
 import torch
 from pld_core.env import LiberoEnv
-from pld_core.rollout import run_episode
-from pld_core.specialist import EVAL_SEED, load_residual
+from pld_core.specialist import eval_outcomes, load_residual
 from pld_core.stats import success_summary
 
 path, task, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -18,8 +17,7 @@ for det in (False, True):
     torch.manual_seed(0)
     pol = load_residual(path, deterministic=det)
     t0 = time.time()
-    oks = [run_episode(env, pol, init_state=k % env.n_init_states, seed=EVAL_SEED + k)[0] for k in range(n)]
-    s = success_summary(oks)
+    s = success_summary(eval_outcomes(env, pol, n))
     out["deterministic" if det else "stochastic"] = {"success_rate": s["success_rate"], "ci95": s["ci95"], "episodes": n, "seconds": round(time.time() - t0, 1)}
     print(out, flush=True)
 print(json.dumps(out))

@@ -337,6 +337,11 @@ def mlflow_artifacts(paths: list[Path], artifact_path: str | None = None) -> Non
             mlflow.log_artifact(str(p), artifact_path=artifact_path)
 
 
+def eval_outcomes(env, policy, episodes: int) -> list[bool]:
+    """The specialist's evaluation protocol: initial states 0..episodes-1 (wrapping), seeds ``EVAL_SEED + k``."""
+    return [run_episode(env, policy, init_state=k % env.n_init_states, seed=EVAL_SEED + k)[0] for k in range(episodes)]
+
+
 def steps_to_threshold(curve: list[dict], threshold: float = 0.95, min_episodes: int = 1) -> int | None:
     """Env steps of the first evaluation on at least ``min_episodes`` initial states at or above ``threshold``."""
     for point in curve:
@@ -469,7 +474,7 @@ class SpecialistTrainer:
                                     info=f"ep {self.episodes} xi {self.sac.xi:.2f} eval {last:.2f} updates {self.grad_steps}")
             train_seconds = time.time() - t0 - self.eval_seconds
             # the actor that passed the early-stop evaluation is the result; the learner kept training meanwhile
-            evaluated = {k: v.detach().clone() for k, v in self.sac.actor.state_dict().items()} if early else None
+            evaluated = {k: v.detach().clone() for k, v in self.sac.actor.state_dict().items()} if early is not None else None
             self.stop()  # async: the learner's final networks replace the actor's copy
             if evaluated is not None:
                 self.sac.actor.load_state_dict(evaluated)
@@ -643,11 +648,8 @@ class SpecialistTrainer:
         """Base + residual (deterministic) on initial states 0..episodes-1 (wrapping), fixed seeds."""
         policy = self.policy(deterministic=True)
         t0 = time.time()
-        outcomes = []
         self.sac.actor.eval()
-        for k in range(episodes):
-            ok, _, _ = run_episode(self.env, policy, init_state=k % self.env.n_init_states, seed=EVAL_SEED + k)
-            outcomes.append(ok)
+        outcomes = eval_outcomes(self.env, policy, episodes)
         self.sac.actor.train()
         s = success_summary(outcomes)
         point = {"env_steps": self.env_steps, "success_rate": s["success_rate"], "ci95": s["ci95"],
