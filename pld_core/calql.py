@@ -13,7 +13,7 @@ critic below the value the base policy actually achieved:
 - critic loss             TD loss + cql_alpha * conservative term
 
 Policy actions are executed actions a = clip(a_b + xi * delta); their log density in action
-space is log pi(delta) - res_dim * log(xi) (change of variables of the xi scaling; the clip is
+space is log pi(delta) - res_dim * log(xi) [- log(xi_gripper / xi)] (change of variables of the xi scaling; the clip is
 ignored), so all three importance-sampled terms are densities over the same action space.
 """
 
@@ -44,12 +44,12 @@ class CalQLConfig:
 
 
 def _policy_action_log_density(sac: ResidualSAC, logp_delta: torch.Tensor) -> torch.Tensor:
-    """log density of the executed action: log pi(delta) - res_dim * log(xi) (no clip; over the
-    residual's dims, the others being the base's)."""
+    """log density of the executed action: log pi(delta) - res_dim * log(xi) - log(gripper gain) (no
+    clip; over the residual's dims, the others being the base's; the gain is xi_gripper / xi)."""
     if not sac.cfg.use_base:
         return logp_delta
     log_xi = math.log(sac.xi) if sac.xi > 0 else -math.inf
-    return logp_delta - sac.res_dim * log_xi
+    return logp_delta - sac.res_dim * log_xi - math.log(sac.gripper_gain)
 
 
 def calql_critic_loss(

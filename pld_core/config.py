@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,16 @@ from pld_core.sac import SACConfig
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # fields added after stage keys existed: left out of ``section_dict`` (hence out of every stage
+    # key, manifest and logged parameter) while unset, so data built before them keeps its keys
+    UNSET_OMITTED: ClassVar[tuple[str, ...]] = ()
+
+    def key_dict(self) -> dict:
+        d = self.model_dump()
+        for name in self.UNSET_OMITTED:
+            if d.get(name) is None:
+                d.pop(name, None)
+        return d
 
 
 class EnvParams(Section):
@@ -80,6 +90,8 @@ class SACParams(Section):
     residual_l2: float = Field(0.0, ge=0)  # pull of the deterministic residual toward 0 (0 = the paper)
     backup_entropy: bool = True  # False: no -alpha log pi in the TD target (SERL / Cal-QL reference code)
     residual_dims: list[int] | None = None  # action dims the residual may change (None: all 7)
+    xi_gripper: float | None = Field(None, gt=0, le=2)  # the gripper's residual scale (null: xi); see SACConfig
+    UNSET_OMITTED: ClassVar[tuple[str, ...]] = ("xi_gripper",)
 
     @field_validator("residual_dims")
     @classmethod
@@ -122,6 +134,7 @@ class ResidualParams(Section):
     seed: int = Field(0, ge=0)
     encoder: Literal["state", "image"] = "state"  # residual/critic input; image: frozen ResNet-18 latents of both cameras (env.mode: images)
     image_encoder_weights: str | None = None  # encoder image: a safetensors ResNet-18 state_dict; null = fixed random init
+    UNSET_OMITTED: ClassVar[tuple[str, ...]] = ("stop_at", "image_encoder_weights")
     offline_fraction: float = Field(0.5, ge=0, le=1)  # share of each batch from the offline buffer (RLPD: 0.5)
     torch_threads: int | None = Field(1, ge=1)  # CPU threads for torch (1 is fastest for these small nets); null = torch default
     # sync: one process, updates between env steps (bit-reproducible under the seed);
@@ -202,7 +215,7 @@ class Params(Section):
         return self
 
     def section_dict(self, name: str) -> dict:
-        return getattr(self, name).model_dump()
+        return getattr(self, name).key_dict()
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

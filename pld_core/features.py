@@ -17,6 +17,7 @@ OBS_FEATURES: dict[str, tuple[str, str, bool]] = {
 ACTION_FEATURE = "action"
 STATE_DIM = 8
 ACT_DIM = 7
+GRIPPER_DIM = 6  # the gripper command (robosuite: its sign opens or closes)
 FPS = 20  # LIBERO's control frequency
 
 

@@ -94,6 +94,12 @@ def make_policy_factory(spec: str, mode: str = "state", device: str = "cpu", see
     return PolicyFactory(spec, mode=mode, device=device, seed=seed)
 
 
+def served_base(params, factory: PolicyFactory) -> PolicyFactory | None:
+    """What an :class:`~pld_core.parallel.EpisodePool` serves batched: with ``flywheel.batch_base`` one copy of
+    the base, its calls batched across the pool's simulators; otherwise None (each worker loads its own)."""
+    return factory if params.flywheel.batch_base else None
+
+
 def validate_policy_spec(spec: str) -> None:
     if is_scripted(spec):
         parse_scripted(spec)

@@ -4,6 +4,7 @@ Reads top to bottom like CleanRL's ``sac_continuous_action.py``; every equation 
 with its name in a comment:
 
 - executed action         a = clip(a_b + xi * delta, -1, 1),    delta ~ pi(. | s, a_b)
+                          (``xi_gripper``: the gripper's delta scaled by xi * xi_gripper / xi)
 - TD target (soft, OTF)   y = (r + b) + gamma (1 - d) max_k [ min_j Q'_j(s', a'_k) - alpha log pi(delta'_k) ]
                           with a'_k = clip(a_b' + xi * delta'_k) and a_b' the *stored* next base action;
                           ``backup_entropy: false`` drops the alpha log pi term (as SERL and the
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from pld_core.errors import PLDError
+from pld_core.features import GRIPPER_DIM
 from pld_core.networks import DoubleQ, ResidualActor, combine
 
 
@@ -59,6 +61,11 @@ class SACConfig:
     """Target entropy of the residual; None means -res_dim / 2 (res_dim: len(residual_dims) or act_dim)."""
     xi: float = 0.5
     """Residual scale in a = clip(a_b + xi * delta); the trainer may schedule ``sac.xi``."""
+    xi_gripper: float | None = None
+    """The gripper's (dim 6) residual scale at full ``xi``; None: ``xi``, as every other dim (the paper).
+    robosuite's gripper acts on the *sign* of its command, so with the base at +-1 a residual scaled by
+    xi <= 0.5 can never open or close it against the base; 1.0 lets the residual hold the gripper
+    (command 0) or, where the base is below 1, flip it. Under the xi schedule it ramps with xi."""
     hidden: int = 256
     """Hidden width of actor and critic MLPs."""
     layers: int = 3
@@ -107,6 +114,12 @@ class ResidualSAC:
         self.res_dims = list(cfg.residual_dims) if (cfg.residual_dims is not None and cfg.use_base) else None
         self.res_dim = len(self.res_dims) if self.res_dims is not None else act_dim
         self.target_entropy = -self.res_dim / 2.0 if cfg.target_entropy is None else cfg.target_entropy
+        # xi_gripper as a gain on the gripper's delta relative to xi (so the xi schedule scales both)
+        acts_on_gripper = cfg.use_base and act_dim > GRIPPER_DIM and (self.res_dims is None or GRIPPER_DIM in self.res_dims)
+        self.gripper_gain = (cfg.xi_gripper / cfg.xi if cfg.xi > 0 else 1.0) if (cfg.xi_gripper is not None and acts_on_gripper) else 1.0
+        self._gain = torch.ones(act_dim, device=self.device)
+        if self.gripper_gain != 1.0:
+            self._gain[GRIPPER_DIM] = self.gripper_gain
         self.actor = ResidualActor(obs_dim, act_dim, cfg.hidden, cfg.layers, out_dim=self.res_dim).to(self.device)
         self.critic = DoubleQ(obs_dim, act_dim, cfg.hidden, cfg.layers, cfg.n_q, cfg.critic_dropout).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -136,6 +149,8 @@ class ResidualSAC:
             full = torch.zeros_like(base_action)
             full[..., self.res_dims] = delta
             delta = full
+        if self.gripper_gain != 1.0:
+            delta = delta * self._gain
         return combine(base_action, delta, self.xi if xi is None else xi)
 
     @torch.no_grad()

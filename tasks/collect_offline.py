@@ -20,7 +20,7 @@ from pld_core.artifacts import atomic_dir, digest_json, finish_manifest, is_fres
 from pld_core.config import Params
 from pld_core.env import EnvSpec, task_names
 from pld_core.errors import PLDError
-from pld_core.policies import is_scripted, make_policy_factory, validate_policy_spec
+from pld_core.policies import is_scripted, make_policy_factory, served_base, validate_policy_spec
 from pld_core.parallel import EpisodePool, record_episode
 from pld_core.stats import success_summary
 from pld_core.store import TrajectoryStore
@@ -100,7 +100,7 @@ def run(params: Params, out_dir: Path, base: str, task: int, force: bool = False
         # episode k: initial state k mod n, seed op.seed * 1_000_003 + k, whichever worker plays it
         jobs = ((task, (k % n_init, op.seed * 1_000_003 + k, gamma)) for k in range(op.max_episodes))
         with EpisodePool(spec, factory, params.flywheel.collect_workers,
-                         serve_base=factory if params.flywheel.batch_base else None) as pool, \
+                         serve_base=served_base(params, factory)) as pool, \
                 Progress(*columns, disable=not show_progress) as progress:
             bar = progress.add_task("collect", total=op.successes, info="")
             for k, (ok, length, episode) in enumerate(pool.imap(record_episode, jobs)):

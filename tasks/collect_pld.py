@@ -20,7 +20,7 @@ from pld_core.config import Params
 from pld_core.demos import open_or_create
 from pld_core.env import EnvSpec, LiberoEnv
 from pld_core.errors import PLDError
-from pld_core.policies import make_policy_factory
+from pld_core.policies import make_policy_factory, served_base
 from pld_core.parallel import EpisodePool
 from pld_core.rollout import EpisodeRecorder
 from pld_core.specialist import load_residual
@@ -91,7 +91,7 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
                 t_base = int(rng.integers(0, t_max + 1))
                 yield task, (attempt % n_init, params.flywheel.seed * 100_000 + attempt, t_base, gamma)
 
-        served = make_policy_factory(base, mode=e.mode, device=params.device) if params.flywheel.batch_base else None
+        served = served_base(params, make_policy_factory(base, mode=e.mode, device=params.device))
         with EpisodePool(spec, factory, params.flywheel.collect_workers, serve_base=served) as pool, \
                 Progress(transient=True, disable=not show_progress) as progress:
             bar = progress.add_task(f"collect_pld {e.suite}/{task}", total=c.episodes_per_task)

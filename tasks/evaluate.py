@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pld_core.config import Params
 from pld_core.evaluation import evaluate, format_report
-from pld_core.policies import make_policy_factory
+from pld_core.policies import make_policy_factory, served_base
 from tasks.common import run_stage
 
 
@@ -19,7 +19,7 @@ def run(params: Params, out_dir: Path, policy: str, policy_digest: str, label: s
         factory = make_policy_factory(policy, mode=e.mode, device=params.device, seed=params.flywheel.seed)
         report = evaluate(factory, e.suite, list(e.tasks), params.evaluate.episodes, mode=e.mode, max_objects=e.max_objects,
                           image_size=e.image_size, seed=params.flywheel.seed, workers=params.flywheel.collect_workers,
-                          serve_base=factory if params.flywheel.batch_base else None)
+                          serve_base=served_base(params, factory))
         report["policy"] = policy
         report["label"] = label
         (tmp / "eval.json").write_text(json.dumps(report, indent=2))

@@ -46,9 +46,6 @@ def _residual_params(params: Params) -> dict:
     d = params.section_dict("residual")
     for speed_only in ("torch_threads", "learner_nice"):
         d.pop(speed_only, None)
-    for newer in ("stop_at", "image_encoder_weights"):  # unset: keys as before these existed
-        if d.get(newer) is None:
-            d.pop(newer, None)
     if d.get("image_encoder_weights"):
         d["image_encoder_weights"] = encoder_weights_identity(params)
     return d

@@ -558,3 +558,46 @@ def test_residual_l2_adds_the_mean_penalty_and_pulls_the_mean_to_zero():
     # d/d(bias) of 0.5 * tanh(mu)^2 = tanh(mu) (1 - tanh(mu)^2) > 0: gradient descent lowers a positive mean
     expected = (0.5 * 2 * mean0 * (1 - mean0.pow(2))).mean(0)
     assert torch.allclose(grads[0.5] - grads[0.0], expected, atol=1e-4) and (expected > 0).all()
+
+
+def test_xi_gripper_scales_only_the_gripper_and_ramps_with_the_xi_schedule():
+    # robosuite's gripper acts on its command's sign: at xi 0.5 a residual cannot overrule a base at 0.9
+    sac = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, xi_gripper=1.0, residual_dims=(0, 1, 2, 6)))
+    assert sac.gripper_gain == 2.0
+    base = torch.tensor([[0.1, -0.2, 0.3, 0.0, 0.0, 0.0, 0.9]])
+    delta = torch.tensor([[0.4, 0.4, -0.4, -1.0]])
+    a = sac.executed(base, delta)
+    assert torch.allclose(a[0, :3], base[0, :3] + 0.5 * delta[0, :3])  # xyz: xi
+    assert torch.isclose(a[0, 6], torch.tensor(-0.1))  # gripper: 0.9 + 1.0 * -1.0, the sign flips
+    assert torch.isclose(ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, residual_dims=(0, 1, 2, 6))).executed(base, delta)[0, 6],
+                         torch.tensor(0.4))  # without it: 0.9 - 0.5, still closing
+    # the schedule's xi = 0.25 halves both
+    a = sac.executed(base, delta, xi=0.25)
+    assert torch.allclose(a[0, :3], base[0, :3] + 0.25 * delta[0, :3]) and torch.isclose(a[0, 6], torch.tensor(0.4))
+    # no gripper among the residual's dims, or the no-base ablation: no gain
+    assert ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, xi_gripper=1.0, residual_dims=(0, 1, 2))).gripper_gain == 1.0
+    assert ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, xi_gripper=1.0, use_base=False)).gripper_gain == 1.0
+
+
+def test_xi_gripper_enters_the_calql_action_density():
+    from pld_core.calql import _policy_action_log_density
+
+    logp = torch.tensor([0.3])
+    plain = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, residual_dims=(0, 1, 2, 6)))
+    grip = ResidualSAC(6, 7, SACConfig(hidden=16, layers=1, xi=0.5, xi_gripper=1.0, residual_dims=(0, 1, 2, 6)))
+    # a = a_b + xi * g * delta on the gripper: the density in action space loses log(xi) per dim and log(g) more
+    assert torch.isclose(_policy_action_log_density(plain, logp), logp - 4 * math.log(0.5))
+    assert torch.isclose(_policy_action_log_density(grip, logp), logp - 4 * math.log(0.5) - math.log(2.0))
+
+
+def test_xi_gripper_is_out_of_the_stage_keys_while_unset():
+    from pld_core.config import Params
+
+    p = Params()
+    assert "xi_gripper" not in p.section_dict("sac")  # data built before the knob keeps its keys
+    assert "stop_at" not in p.section_dict("residual") and "image_encoder_weights" not in p.section_dict("residual")
+    set_ = Params(sac={"xi_gripper": 1.0}, residual={"stop_at": 0.95})
+    assert set_.section_dict("sac")["xi_gripper"] == 1.0 and set_.section_dict("residual")["stop_at"] == 0.95
+    assert set_.sac.to_sac_config().xi_gripper == 1.0
+    with pytest.raises(Exception, match="xi_gripper"):
+        Params(sac={"xi_gripper": 0.0})
