@@ -106,6 +106,8 @@ def cmd_bench(args) -> int:
         out = Path(args.out or f"bench/results/specialist-{args.suite}-{args.task}" + ("" if args.ablation == "none" else f"-{args.ablation}"))
         base = args.base or params.base.path or "data/base_v0/pretrained_model"
         result = bench_specialist(params, args.suite, args.task, args.ablation, out, base=base)
+        if args.set:
+            result["set"] = list(args.set)  # what this run changed from params.yaml, kept with its numbers
         print(json.dumps(result))
         return 0
     if args.bench == "faults":

@@ -385,3 +385,25 @@ def test_user_errors_name_the_fix(probe, tmp_path):
         pretrain_critic.run(validate_params(tiny()), tmp_path / "c", tmp_path / "missing")
     with pytest.raises(PLDError, match="not a residual specialist"):
         load_residual(root / "critic_init")
+
+
+def test_pld_bench_specialist_prints_its_json_last_with_the_overrides(capsys, tmp_path):
+    """`pld bench specialist`: the last stdout line is the benchmark JSON (steps_to_95, final_success_rate, ci95,
+    env_steps) with the --set overrides it ran under; the specialist it trained carries sac.xi_gripper."""
+    from pld_core.cli import main as pld_main
+
+    capsys.readouterr()
+    code = pld_main(["bench", "specialist", "--profile", "smoke", "--task", "0", "--base", "scripted:noise=0.6",
+                     "--set", "residual.env_steps=300", "--set", "sac.xi_gripper=1.0", "--out", str(tmp_path / "b")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    r = json.loads(out[-1])
+    assert r["set"] == ["residual.env_steps=300", "sac.xi_gripper=1.0"]
+    assert r["env_steps"] >= 300 and r["task"] == 0 and r["ablation"] == "none"
+    lo, hi = r["ci95"]
+    assert lo <= r["final_success_rate"] <= hi
+    last = r["curve"][-1]
+    assert (last["env_steps"], last["success_rate"], last["episodes"]) == (r["env_steps"], r["final_success_rate"], 2)
+    assert r["steps_to_95"] is None if r["final_success_rate"] < 0.95 else r["steps_to_95"] <= r["env_steps"]
+    spec = load_residual(r["out_dir"], base="scripted:noise=0.6")
+    assert spec.sac.cfg.xi_gripper == 1.0 and spec.sac.gripper_gain == 1.0 / spec.sac.cfg.xi
