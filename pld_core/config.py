@@ -34,7 +34,7 @@ class Section(BaseModel):
 
 class EnvParams(Section):
     suite: str = "libero_object"
-    tasks: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    tasks: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     mode: Literal["state", "images"] = "state"
     image_size: int = Field(128, gt=0)
     max_objects: int = Field(3, ge=1)
