@@ -6,7 +6,8 @@ the target object's height (object of interest 0) and its distance to the basket
   held           at the time limit it is still 3 cm or more above its start height (carried, not released)
 
 Usage: python bench/failure_modes.py <residual dir | policy spec> <task> <first> <last> [--base SPEC]
-A residual dir is loaded with load_residual (its recorded base, or --base); anything else with make_policy.
+A residual dir is loaded with load_residual (its recorded base, or --base); anything else is a policy spec
+(make_policy_factory). Episodes are run_episode's, on the specialist evaluation's states and seeds.
 Prints one JSON line per failure, then a JSON summary as the last line."""
 import argparse
 import json
@@ -16,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pld_core.env import OBJECT_FEATURES, LiberoEnv
+from pld_core.env import LiberoEnv
+from pld_core.features import store_key
 from pld_core.policies import make_policy_factory
+from pld_core.rollout import run_episode
 from pld_core.specialist import EVAL_SEED, RESIDUAL_WEIGHTS, load_residual
 
 LIFT = 0.03
@@ -30,20 +33,14 @@ def load(spec: str, base: str | None, env: LiberoEnv):
 
 
 def episode(env: LiberoEnv, policy, init_state: int, seed: int) -> dict:
-    obs = env.reset(init_state, seed=seed)
-    policy.reset(env)
-    z0 = float(obs["env_state"][2])
-    zmax, success = z0, False
-    while True:
-        obs, _, success, truncated, _ = env.step(np.asarray(policy.act(obs), dtype=np.float32))
-        zmax = max(zmax, float(obs["env_state"][2]))
-        if success or truncated:
-            break
-    z = float(obs["env_state"][2])
-    basket = obs["env_state"][OBJECT_FEATURES:OBJECT_FEATURES + 3]
-    out = {"init_state": init_state, "success": bool(success), "length": env.t,
+    success, length, ep = run_episode(env, policy, init_state, seed=seed, record=True)
+    before = ep.steps[store_key("env_state")]  # the state before each step
+    target, basket = (np.asarray(env.raw_obs[f"{name}_pos"]) for name in env.objects[:2])  # after the last step
+    z0, z = float(before[0, 2]), float(target[2])
+    zmax = max(float(before[:, 2].max()), z)
+    out = {"init_state": init_state, "success": bool(success), "length": length,
            "lift_max_cm": round(100 * (zmax - z0), 1), "lift_end_cm": round(100 * (z - z0), 1),
-           "xy_to_basket_cm": round(100 * float(np.linalg.norm(obs["env_state"][:2] - basket[:2])), 1)}
+           "xy_to_basket_cm": round(100 * float(np.linalg.norm(target[:2] - basket[:2])), 1)}
     if not success:
         out["mode"] = "never_lifted" if zmax - z0 < LIFT else ("held" if z - z0 >= LIFT else "dropped")
     return out
