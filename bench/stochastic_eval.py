@@ -7,7 +7,7 @@ evaluation's: states 0..N-1, seeds EVAL_SEED + k):
                   episodes have (base-policy probing: residual.probe_max_fraction x max_steps) and
                   collect_pld's hybrid rollouts have
 
-The specialist is a train_residual output dir, or a bench out dir whose training is unfinished: its
+State mode. The specialist is a train_residual output dir, or a bench out dir whose training is unfinished: its
 newest checkpoint (``.tmp-residual-<ablation>/checkpoints/step_*``) is evaluated, with the offline
 store's observation statistics from ``critic_init``.
 
@@ -24,9 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from pld_core.env import LiberoEnv
-from pld_core.rollout import run_episode
 from pld_core.sac import ResidualSAC, SACConfig
-from pld_core.specialist import EVAL_SEED, RESIDUAL_WEIGHTS, StateEncoder, load_residual, save_residual
+from pld_core.specialist import RESIDUAL_WEIGHTS, StateEncoder, eval_outcomes, load_residual, save_residual
 from pld_core.stats import success_summary
 
 
@@ -50,13 +49,14 @@ def from_checkpoint(bench_dir: Path, base: str, out: Path) -> str:
 
 
 class Prefixed:
-    """The base alone for the first ``k`` steps, then the specialist."""
+    """The base alone for the first ``lengths[i]`` steps of the i-th episode (counted by resets), then the specialist."""
 
-    def __init__(self, policy, k: int):
-        self.policy, self.k = policy, k
+    def __init__(self, policy, lengths):
+        self.policy, self.lengths, self.episodes = policy, [int(k) for k in lengths], 0
 
     def reset(self, env) -> None:
-        self.t = 0
+        self.k, self.t = self.lengths[self.episodes], 0
+        self.episodes += 1
         self.policy.reset(env)
 
     def act(self, obs: dict) -> np.ndarray:
@@ -85,15 +85,13 @@ def main() -> None:
             path = Path(tmp)
         prefixes = [None] if args.prefix is None else [None, args.prefix]
         for prefix in prefixes:
-            lengths = np.random.default_rng(0).integers(0, (prefix or 0) + 1, size=args.n)
             for det in (True, False):
                 torch.manual_seed(0)
                 policy = load_residual(path, base=args.base, deterministic=det)
-                t0, wins = time.time(), []
-                for k in range(args.n):
-                    pol = policy if prefix is None else Prefixed(policy, int(lengths[k]))
-                    wins.append(run_episode(env, pol, k % env.n_init_states, seed=EVAL_SEED + k)[0])
-                s = success_summary(wins)
+                if prefix is not None:
+                    policy = Prefixed(policy, np.random.default_rng(0).integers(0, prefix + 1, size=args.n))
+                t0 = time.time()
+                s = success_summary(eval_outcomes(env, policy, args.n))  # the evaluation's states and seeds
                 name = ("deterministic" if det else "stochastic") + ("" if prefix is None else f"_after_base_prefix_U(0,{prefix})")
                 out[name] = {"success_rate": s["success_rate"], "ci95": s["ci95"], "episodes": args.n, "seconds": round(time.time() - t0, 1)}
                 print(name, out[name], flush=True)
