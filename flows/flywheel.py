@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from pld_core import lineage
 from pld_core.config import Params
 from pld_core.errors import PLDError
-from tasks.common import Layout, base_checkpoint
+from tasks.common import Layout, base_checkpoint, no_data_reason
 from tasks.registry import PER_TASK, call_stage
 
 
@@ -44,6 +45,9 @@ def run_stage_logged(name: str, params: Params, root: str, k: int = 0, task_inde
     with mlflow.start_run(run_name=label, nested=parent_run_id is not None, parent_run_id=parent_run_id, tags=tags) as r:
         manifest = call_stage(name, params, k=k, task=task_index)
         mlflow.set_tags({"pld.skipped": str(manifest.get("skipped", False)), "pld.output_digest": manifest.get("output_digest") or ""})
+        reason = no_data_reason(manifest)
+        if reason:
+            mlflow.set_tags({"pld.no_data": "true", "pld.no_data_reason": reason[:5000]})
         lineage.log_metrics({k2: v for k2, v in (manifest.get("metrics") or {}).items()})
         lineage.log_metrics({"stage_seconds": time.time() - t0})
     manifest["run_id"] = r.info.run_id
@@ -51,7 +55,20 @@ def run_stage_logged(name: str, params: Params, root: str, k: int = 0, task_inde
     return manifest
 
 
-@task(name="stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, task_run_name="{name}-it{k}-task{task_index}")
+def retry_on_crash(task, task_run, state) -> bool:
+    """Retries are for crashes (a killed worker, a flaky file system), not for a PLDError a stage raises on
+    purpose (bad input, nothing to learn from): rerunning it gives the same error."""
+    try:
+        state.result()
+    except PLDError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(name="stage", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=retry_on_crash,
+      task_run_name="{name}-it{k}-task{task_index}")
 def stage(name: str, params: Params, root: str, k: int = 0, task_index: int | None = None, parent_run_id: str | None = None) -> dict:
     return run_stage_logged(name, params, root, k, task_index, parent_run_id)
 
@@ -81,23 +98,47 @@ def make_task_runner(params: Params):
     raise PLDError(f"unknown flywheel.task_runner '{f.task_runner}'")
 
 
+def _result_in_order(futures: list) -> list[dict]:
+    """Wait for a chain of stage futures; the first failed stage's own exception is raised (its one-line
+    PLDError, not the Prefect 'NotReady'/'PENDING' state of the stages after it)."""
+    out = []
+    for f in futures:
+        f.wait()
+        state = f.state
+        if not state.is_completed():
+            exc = state.result(raise_on_failure=False)
+            if isinstance(exc, BaseException):
+                raise exc
+            raise RuntimeError(f"stage run ended in state {state.type.value}: {state.message}")
+        out.append(f.result())
+    return out
+
+
 def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None) -> dict:
-    """Per-task chains fanned out through the flow's task runner, then the distill chain."""
-    futures: dict[tuple[int, str], object] = {}
+    """Per-task chains fanned out through the flow's task runner, then the distill chain. A task whose base
+    or specialist never succeeded finishes its chain with no-data manifests and is left out of the distill."""
+    chains: dict[int, list] = {}
     for t in params.env.tasks:
-        prev = None
+        prev, chain = None, []
         for name in PER_TASK:
             prev = stage.submit(name, params, root, k, t, parent_run_id, wait_for=[prev] if prev is not None else None)
-            futures[(t, name)] = prev
+            chain.append(prev)
+        chains[t] = chain
+    done = {t: dict(zip(PER_TASK, _result_in_order(chain))) for t, chain in chains.items()}  # every chain runs to its end first
     specialists, per_task = [], {}
-    for t in params.env.tasks:
-        futures[(t, PER_TASK[-1])].result()  # raises if any stage of that task failed (after its retry)
-        m = futures[(t, "train_residual")].result()
-        specialists.append(m["run_id"])
-        per_task[t] = m.get("metrics", {})
-    out = {"specialist_runs": specialists, "specialists": per_task}
+    for t, ms in done.items():
+        res, pld = ms["train_residual"], ms["collect_pld"]
+        reason = no_data_reason(pld)
+        if no_data_reason(res) is None:
+            specialists.append(res["run_id"])
+        per_task[t] = {**(res.get("metrics") or {}), "pld_episodes": int((pld.get("metrics") or {}).get("episodes", 0)),
+                       "no_data": reason is not None, **({"reason": reason} if reason else {})}
+    without = {t: m["reason"] for t, m in per_task.items() if m["no_data"]}
+    if without:
+        print(f"iteration {k}: no PLD data from " + "; ".join(f"{params.env.suite} task {t} ({r})" for t, r in without.items()))
+    out = {"specialist_runs": specialists, "specialists": per_task, "tasks_without_data": without}
     for name in ("convert_dataset", "augment_quantiles", "sft", "evaluate"):
-        out[name] = stage.submit(name, params, root, k, None, parent_run_id).result()
+        out[name] = _result_in_order([stage.submit(name, params, root, k, None, parent_run_id)])[0]
     return out
 
 
@@ -114,9 +155,13 @@ def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
         layout = Layout.of(params, Path(root))
         rate = out["evaluate"]["metrics"]["success_rate"]
         mlflow.log_metric("base_success_rate", rate)
+        without = {f"{params.env.suite}/{t}": r for t, r in out["tasks_without_data"].items()}
+        mlflow.set_tags({"pld.tasks_without_data": json.dumps(without)[:5000]})
+        mlflow.log_dict({"tasks": {f"{params.env.suite}/{t}": m for t, m in out["specialists"].items()}}, "iteration_tasks.json")
         version = lineage.register_base(
             client, params.mlflow.model_name, k + 1, Path(base_checkpoint(params, layout, k + 1)), parent.info.run_id, parent=k,
-            dataset_digest=out["augment_quantiles"]["output_digest"], specialist_runs=out["specialist_runs"], success_rate=rate)
+            dataset_digest=out["augment_quantiles"]["output_digest"], specialist_runs=out["specialist_runs"], success_rate=rate,
+            tasks_without_data=without)
         out["registered_version"] = version
     return out
 
@@ -133,7 +178,7 @@ def bootstrap_flow(params: Params, root: str | None = None) -> dict:
         out = {}
         names = ("base_v0", "evaluate_v0") if params.base.path else ("demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0")
         for name in names:
-            out[name] = stage.submit(name, params, root, 0, None, parent.info.run_id).result()
+            out[name] = _result_in_order([stage.submit(name, params, root, 0, None, parent.info.run_id)])[0]
         rate = out["evaluate_v0"]["metrics"]["success_rate"]
         mlflow.log_metric("base_success_rate", rate)
         digest = out["base_v0_dataset"]["output_digest"] if "base_v0_dataset" in out else None

@@ -206,7 +206,8 @@ def cmd_lineage(args) -> int:
     params = _params(args)
     if args.json:
         rows = lineage_rows(params)
-        print(json.dumps([{k: r[k] for k in ("version", "parent", "dataset_digest", "success_rate")} for r in rows]))
+        print(json.dumps([{k: r[k] for k in ("version", "parent", "dataset_digest", "success_rate", "per_task", "tasks_without_data")}
+                          for r in rows]))
         return 0
     print_lineage(params)
     path = write_lineage_picture(params, args.out)

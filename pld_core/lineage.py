@@ -10,6 +10,7 @@ Aliases: ``newest`` on the newest version, ``best`` on the one with the highest 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -88,7 +89,8 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
 
 def register_base(client, model_name: str, version: int, checkpoint: Path, run_id: str, parent: int | None,
-                  dataset_digest: str | None, specialist_runs: list[str], success_rate: float | None) -> str:
+                  dataset_digest: str | None, specialist_runs: list[str], success_rate: float | None,
+                  tasks_without_data: dict[str, str] | None = None) -> str:
     """Register base ``v<version>``; idempotent: a registry version with the same pld_version *and* the
     same checkpoint content (its stage manifest's output digest) is reused. A rebuilt base (new params,
     new data) gets a new registry version, and :func:`lineage` reads the newest one per pld_version."""
@@ -109,6 +111,8 @@ def register_base(client, model_name: str, version: int, checkpoint: Path, run_i
         "success_rate": "" if success_rate is None else f"{success_rate:.4f}",
         "checkpoint": str(Path(checkpoint).resolve()),
         "base_digest": digest or "",
+        # the tasks that added no PLD data to this version, with the reason (a base or specialist that never succeeded)
+        "tasks_without_data": json.dumps(tasks_without_data or {}, sort_keys=True)[:5000],
     }
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
                                      description=f"base v{version}" + (f", fine-tuned from v{parent}" if parent is not None else ""))
@@ -165,6 +169,7 @@ def lineage(client, model_name: str) -> list[dict]:
             "dataset_digest": t.get("dataset_digest") or None,
             "success_rate": float(t["success_rate"]) if t.get("success_rate") else None,
             "specialist_runs": [r for r in t.get("specialist_runs", "").split(",") if r],
+            "tasks_without_data": json.loads(t.get("tasks_without_data") or "{}"),
             "registry_version": int(v.version),
             "checkpoint": t.get("checkpoint"),
             "run_id": v.run_id,

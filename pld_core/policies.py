@@ -29,16 +29,24 @@ class LeRobotBase:
 
 
 def parse_scripted(spec: str) -> dict:
+    """``scripted[:noise=X][,idle=T1/T2...]``: noise on the executed xyz; ``idle`` lists tasks on which the controller
+    holds still (a stand-in for a base that never learned those tasks: it never succeeds there)."""
     opts = {}
     if ":" in spec:
         for kv in spec.split(":", 1)[1].split(","):
             k, _, v = kv.partition("=")
-            if k != "noise":
-                raise PLDError(f"policy spec '{spec}': unknown option '{k}'. Fix: use scripted or scripted:noise=0.3")
-            try:
-                opts["noise"] = float(v)
-            except ValueError:
-                raise PLDError(f"policy spec '{spec}': noise '{v}' is not a number. Fix: e.g. scripted:noise=0.3") from None
+            if k == "noise":
+                try:
+                    opts["noise"] = float(v)
+                except ValueError:
+                    raise PLDError(f"policy spec '{spec}': noise '{v}' is not a number. Fix: e.g. scripted:noise=0.3") from None
+            elif k == "idle":
+                try:
+                    opts["idle"] = tuple(int(t) for t in v.split("/"))
+                except ValueError:
+                    raise PLDError(f"policy spec '{spec}': idle '{v}' is not a list of task indices. Fix: e.g. scripted:noise=0.3,idle=1/4") from None
+            else:
+                raise PLDError(f"policy spec '{spec}': unknown option '{k}'. Fix: use scripted, scripted:noise=0.3 or scripted:noise=0.3,idle=4")
     return opts
 
 
@@ -54,13 +62,22 @@ class EpisodeSeededExpert(ScriptedExpert):
     order, and give the same trajectories as one process playing them in turn.
     """
 
-    def __init__(self, noise: float = 0.0, seed: int = 0):
+    def __init__(self, noise: float = 0.0, seed: int = 0, idle: tuple[int, ...] = ()):
         super().__init__(noise=noise, seed=seed)
-        self.seed = int(seed)
+        self.seed, self.idle, self.idle_now = int(seed), tuple(idle), False
 
     def reset(self, env: LiberoEnv) -> None:
         self.rng = np.random.default_rng([self.seed, int(getattr(env, "episode_seed", 0))])
+        self.idle_now = env.task in self.idle
         super().reset(env)
+
+    def act(self, obs: dict | None = None) -> np.ndarray:
+        if self.idle_now:  # holds still with the gripper open: never succeeds on this task
+            a = np.zeros(7, dtype=np.float32)
+            a[6] = -1.0
+            self.last_label = a.copy()
+            return a
+        return super().act(obs)
 
 
 class PolicyFactory:

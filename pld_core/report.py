@@ -53,14 +53,15 @@ def print_lineage(params: Params) -> None:
 
     rows = lineage_rows(params)
     table = Table(title=f"MLflow registered model '{params.mlflow.model_name}'")
-    for col in ("version", "parent", "success", "95% CI", "episodes/task", "PLD dataset", "specialists", "per task"):
+    for col in ("version", "parent", "success", "95% CI", "episodes/task", "PLD dataset", "specialists", "per task", "no PLD data"):
         table.add_column(col)
     for r in rows:
         ci = f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r["ci95"] else "-"
         per = " ".join(f"{k.split('/')[-1]}:{v:.2f}" for k, v in r["per_task"].items())
         table.add_row(f"v{r['version']}", "-" if r["parent"] is None else f"v{r['parent']}",
                       "-" if r["success_rate"] is None else f"{r['success_rate']:.3f}", ci, str(r["episodes_per_task"] or "-"),
-                      r["dataset_digest"] or "-", str(len(r["specialist_runs"])), per)
+                      r["dataset_digest"] or "-", str(len(r["specialist_runs"])), per,
+                      " ".join(k.split("/")[-1] for k in r.get("tasks_without_data") or {}) or "-")
     Console(width=160).print(table)
 
 

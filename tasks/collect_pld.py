@@ -3,7 +3,9 @@
 Each episode draws ``T_base ~ U{0, ..., floor(alpha * T_max)}``. For the first ``T_base`` steps the
 frozen base acts alone and the SFT label is the base action; from then on the specialist acts,
 executing ``clip(a_b + xi * delta)``, and the label is that executed action. Only successful
-episodes enter ``pld.zarr``, each with its ``t_base``, seed and initial state. A few pure
+episodes enter ``pld.zarr``, each with its ``t_base``, seed and initial state. No success in
+``collect.max_episodes`` attempts, or no specialist (its base never succeeded), is recorded as
+``metrics.no_data`` with the reason; ``convert_dataset`` leaves such a task out. A few pure
 specialist rollouts (``T_base = 0``) also go to ``specialist_rollouts.zarr`` for the trajectory
 figure; they are not part of the dataset. ``flywheel.collect_workers`` simulators play the episodes
 at once (:class:`pld_core.parallel.EpisodePool`); the kept episodes do not depend on it.
@@ -19,13 +21,13 @@ from rich.progress import Progress
 from pld_core.config import Params
 from pld_core.demos import open_or_create
 from pld_core.env import EnvSpec, LiberoEnv
-from pld_core.errors import PLDError
 from pld_core.policies import make_policy_factory, served_base
 from pld_core.parallel import EpisodePool
 from pld_core.rollout import EpisodeRecorder
 from pld_core.specialist import load_residual
 from pld_core.stats import success_summary
-from tasks.common import input_digests, run_stage
+from pld_core.artifacts import require_manifest
+from tasks.common import input_digests, no_data_reason, record_no_data, run_stage
 
 SPECIALIST_ROLLOUTS = 4
 
@@ -106,9 +108,11 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
                         progress.advance(bar)
                     if len(kept_t_base) >= c.episodes_per_task:
                         break
-            if not kept_t_base:
-                raise PLDError(f"collect_pld: no successful hybrid episode on {e.suite} task {task} in {attempt} attempts. "
-                               f"Fix: train the specialist longer (residual.env_steps) or raise collect.max_episodes")
+            if not kept_t_base:  # an outcome, not an error: the task adds no PLD data this iteration
+                s = success_summary(outcomes)
+                return {"task": task, "episodes": 0, "attempts": attempt, "hybrid_success_rate": s["success_rate"],
+                        "hybrid_ci95": s["ci95"], "steps": 0, "no_data": True,
+                        "reason": f"collect_pld: no successful hybrid episode in {attempt} attempts (collect.max_episodes)"}
             spec_store = open_or_create(tmp / "specialist_rollouts.zarr", spec, {"source": "specialist", "task": task})
             rollouts = ((task, (i % n_init, 10_000 + i, 0, gamma)) for i in range(SPECIALIST_ROLLOUTS))
             for _, ep in pool.imap(hybrid_job, rollouts):
@@ -118,4 +122,7 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
                 "hybrid_ci95": s["ci95"], "mean_t_base": float(np.mean(kept_t_base)), "steps": store.n_steps}
 
     inputs = input_digests(residual=residual_dir)
+    reason = no_data_reason(require_manifest(residual_dir, "specialist (stage train_residual)"))
+    if reason:
+        return record_no_data("collect_pld", out_dir, used, inputs, reason, force=force)
     return run_stage("collect_pld", out_dir, used, inputs, build, force=force)

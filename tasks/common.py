@@ -116,3 +116,16 @@ def run_stage(stage: str, out_dir: Path, params_used: dict, inputs: dict, build:
 def check_suite_task(params: Params, task: int) -> None:
     if task not in params.env.tasks:
         raise PLDError(f"task {task} is not in env.tasks {params.env.tasks} of params.yaml. Fix: add it to env.tasks or pick one of them")
+
+
+def no_data_reason(manifest: dict | None) -> str | None:
+    """Why a finished stage has no data for the next one (a base or a specialist that never succeeded),
+    or None. That is an outcome the stage records, not an error: the iteration goes on without the task."""
+    metrics = (manifest or {}).get("metrics") or {}
+    return metrics.get("reason", "no data") if metrics.get("no_data") else None
+
+
+def record_no_data(stage: str, out_dir: Path, params_used: dict, inputs: dict, reason: str, force: bool = False) -> dict:
+    """The manifest of a stage that has nothing to work on because an upstream stage had no data."""
+    log.warning("%s: no data (%s); recorded in %s", stage, reason, out_dir)
+    return run_stage(stage, out_dir, params_used, inputs, lambda tmp: {"no_data": True, "reason": reason}, force=force)

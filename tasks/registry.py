@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pld_core.config import Params
 from pld_core.errors import PLDError
-from tasks.common import Layout, base_checkpoint, base_digest, check_suite_task
+from pld_core.artifacts import require_manifest
+from tasks.common import Layout, base_checkpoint, base_digest, check_suite_task, no_data_reason
 
 PER_TASK = ("collect_offline", "pretrain_critic", "train_residual", "collect_pld")
 PER_ITERATION = ("convert_dataset", "augment_quantiles", "sft", "evaluate")
@@ -32,6 +33,28 @@ def output_dir(name: str, layout: Layout, params: Params, k: int = 0, task: int 
         "sft": lambda: layout.base(k + 1),
         "evaluate": lambda: layout.base_eval(k + 1),
     }[name]()
+
+
+def tasks_without_data(params: Params, layout: Layout, k: int) -> dict[int, str]:
+    """Iteration ``k``'s tasks whose PLD stage recorded no data, with the reason (every PLD stage must have finished)."""
+    s = params.env.suite
+    out = {}
+    for t in params.env.tasks:
+        reason = no_data_reason(require_manifest(layout.pld(k, s, t), f"PLD data of {s} task {t} (stage collect_pld)"))
+        if reason:
+            out[t] = reason
+    return out
+
+
+def pld_dirs_with_data(params: Params, layout: Layout, k: int) -> list[Path]:
+    """The PLD stage dirs that convert_dataset distills; PLDError (the iteration stops) when no task has data."""
+    s = params.env.suite
+    missing = tasks_without_data(params, layout, k)
+    if len(missing) == len(params.env.tasks):
+        detail = "; ".join(f"task {t}: {r}" for t, r in missing.items())
+        raise PLDError(f"iteration {k}: no task has PLD data, nothing to distill ({s} {detail}). "
+                       "Fix: a base that sometimes succeeds on some task, or larger offline.max_episodes / collect.max_episodes")
+    return [layout.pld(k, s, t) for t in params.env.tasks if t not in missing]
 
 
 def adopt_base(params: Params, out: Path) -> dict:
@@ -98,7 +121,7 @@ def call_stage(name: str, params: Params, k: int = 0, task: int | None = None, f
     if name == "convert_dataset":
         from tasks import convert_dataset
         extra = [layout.demos] if params.sft.include_base_data and not params.base.path else []
-        return convert_dataset.run(params, out, pld_dirs=[layout.pld(k, s, t) for t in params.env.tasks], extra_dirs=extra, force=force)
+        return convert_dataset.run(params, out, pld_dirs=pld_dirs_with_data(params, layout, k), extra_dirs=extra, force=force)
     if name == "augment_quantiles":
         from tasks import augment_quantiles
         return augment_quantiles.run(params, out, layout.dataset_raw(k), force=force)

@@ -36,6 +36,7 @@ from pld_core.specialist import (StateEncoder, check_encoder, final_eval_episode
                                  offline_buffer_from_store, set_torch_threads)
 from tasks import collect_offline, pretrain_critic
 from tasks.collect_offline import base_identity, base_key, env_key
+from tasks.common import input_digests, no_data_reason, record_no_data
 from tasks.pretrain_critic import open_offline
 
 STAGE = "train_residual"
@@ -72,6 +73,10 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
     use_critic = rp.ablation != "no_calql"
     if use_base:
         validate_policy_spec(base)
+    reason = no_data_reason(require_manifest(offline_dir, "offline store (stage collect_offline)"))
+    if reason:
+        return record_no_data(STAGE, out_dir, {"residual": _residual_params(params), "sac": params.section_dict("sac")},
+                              input_digests(offline=offline_dir), reason, force=force)
     offline_manifest, store = open_offline(offline_dir, params)
     task = int(store.attrs.get("task", offline_manifest.get("metrics", {}).get("task", -1)))
     check_task(ep.suite, task)
@@ -156,6 +161,10 @@ def bench_specialist(params: Params, suite: str, task: int, ablation: str = "non
     t0 = time.time()
     offline_dir, critic_dir = out_dir / "offline", out_dir / "critic_init"
     off = collect_offline.run(params, offline_dir, base, task, show_progress=show_progress)
+    reason = no_data_reason(off)
+    if reason:
+        raise PLDError(f"bench specialist: {suite} task {task}: {reason}; there is nothing to train a specialist from. "
+                       "Fix: raise offline.max_episodes (--set offline.max_episodes=200) or use a base that sometimes succeeds")
     crit = pretrain_critic.run(params, critic_dir, offline_dir, show_progress=show_progress) if ablation != "no_calql" else None
     res = run(params, out_dir / f"residual-{ablation}", base, offline_dir, critic_dir if crit else None, show_progress=show_progress)
     m = res["metrics"]

@@ -37,11 +37,15 @@ def manifests(data: Path) -> dict[str, str]:
             for p in data.rglob("manifest.json") if ".tmp-" not in str(p)}
 
 
+# the smoke flywheel on two tasks: the base sometimes succeeds on task 0 and never on task 1 (it holds still there)
+TWO_TASKS = ["--set", "env.tasks=[0, 1]", "--set", "base.path=scripted:noise=0.6,idle=1", "--set", "offline.max_episodes=6"]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flywheel")
     t0 = time.time()
-    r = pld("flywheel", *smoke_overrides(tmp))
+    r = pld("flywheel", *smoke_overrides(tmp), *TWO_TASKS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return tmp, r, time.time() - t0
 
@@ -70,8 +74,9 @@ def test_smoke_flywheel_through_prefect_and_dask(smoke_run):
 
     ms = _manifests(data)
     assert len(ms) == len(stages) and all(m["compute_seconds"] is not None and m["compute_seconds"] >= 0 for m in ms), ms
-    assert all(m["compute_seconds"] > 0.5 for m in ms if m["stage"] in ("train_residual", "collect_pld", "sft", "evaluate")), ms
-    assert sum(m["compute_seconds"] for m in ms) < seconds  # one task, sequential stages: compute <= wall
+    worked = [m for m in ms if "libero_object-1" not in m["dir"]]  # task 1's stages only record that they had no data
+    assert all(m["compute_seconds"] > 0.5 for m in worked if m["stage"] in ("train_residual", "collect_pld", "sft", "evaluate")), ms
+    assert sum(m["compute_seconds"] for m in ms) < seconds  # one worker, sequential stages: compute <= wall
 
 
 def test_lineage_in_mlflow_registry(smoke_run):
@@ -94,11 +99,40 @@ def test_lineage_in_mlflow_registry(smoke_run):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["pld.stage"] for c in children} >= {"collect_offline", "pretrain_critic", "train_residual", "collect_pld",
                                                            "convert_dataset", "augment_quantiles", "sft", "evaluate"}
-    r = pld("lineage", "--json", *smoke_overrides(tmp)[0:2], *smoke_overrides(tmp)[2:])
+    r = pld("lineage", "--json", *smoke_overrides(tmp), *TWO_TASKS)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert [(x["version"], x["parent"]) for x in rows] == [(0, None), (1, 0)]
     assert rows[1]["dataset_digest"] == digest and 0.0 <= rows[1]["success_rate"] <= 1.0
+    # the task without data is in the lineage with its reason, and v1 was still evaluated on it
+    assert list(rows[1]["tasks_without_data"]) == ["libero_object/1"], rows[1]
+    assert "succeeded in 0 of 6 episodes" in rows[1]["tasks_without_data"]["libero_object/1"]
+    assert set(rows[1]["per_task"]) == {"libero_object/0", "libero_object/1"}, rows[1]
+    assert json.loads(v1.tags["tasks_without_data"]) == rows[1]["tasks_without_data"]
+    assert json.loads(parent.data.tags["pld.tasks_without_data"]) == rows[1]["tasks_without_data"]
+    task1 = [c for c in children if c.data.tags.get("pld.task") == "libero_object/1"]
+    assert {c.data.tags["pld.stage"] for c in task1} == {"collect_offline", "pretrain_critic", "train_residual", "collect_pld"}
+    assert all(c.data.tags.get("pld.no_data") == "true" for c in task1), [c.data.tags for c in task1]
+
+
+def test_a_task_whose_base_never_succeeds_is_recorded_and_the_rest_is_distilled(smoke_run):
+    """Task 1's base never succeeds: its four stages finish with no-data manifests naming the reason, the dataset
+    holds task 0's PLD episodes only, and v1 is evaluated on both tasks."""
+    tmp, r, _ = smoke_run
+    data = tmp / "data"
+    for rel in ("iter_0/libero_object-1/offline", "iter_0/libero_object-1/critic_init", "iter_0/libero_object-1/residual",
+                "iter_0/pld/libero_object-1"):
+        m = json.loads((data / rel / "manifest.json").read_text())["metrics"]
+        assert m.get("no_data") is True and "succeeded in 0 of 6 episodes" in m["reason"], (rel, m)
+    off = json.loads((data / "iter_0/libero_object-1/offline/manifest.json").read_text())["metrics"]
+    assert off["episodes"] == 6 and off["successes"] == 0
+    task0 = json.loads((data / "iter_0/pld/libero_object-0/manifest.json").read_text())["metrics"]
+    assert not task0.get("no_data") and task0["episodes"] == 2
+    conv = json.loads((data / "iter_0/pld_dataset_raw/manifest.json").read_text())
+    assert [Path(x).parent.name for x in conv["metrics"]["stores"] if "pld" in Path(x).parts] == ["libero_object-0"], conv
+    ev = json.loads((data / "iter_0/eval/manifest.json").read_text())["metrics"]
+    assert set(ev["per_task"]) == {"libero_object/0", "libero_object/1"}, ev
+    assert "no PLD data from libero_object task 1" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
 
 def test_rerun_skips_every_stage(smoke_run):
@@ -106,7 +140,7 @@ def test_rerun_skips_every_stage(smoke_run):
     before = manifests(tmp / "data")
     figures = {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()}
     t0 = time.time()
-    r = pld("flywheel", *smoke_overrides(tmp, runner="sequential"))
+    r = pld("flywheel", *smoke_overrides(tmp, runner="sequential"), *TWO_TASKS)
     seconds = time.time() - t0
     assert r.returncode == 0, r.stderr[-2000:]
     assert manifests(tmp / "data") == before  # nothing rebuilt
@@ -165,3 +199,32 @@ def test_a_rebuilt_base_gets_a_new_registry_version_and_lineage_reads_it(tmp_pat
     rows = lineage.lineage(client, "m")
     assert len(rows) == 1 and rows[0]["success_rate"] == 0.7 and rows[0]["specialist_runs"] == ["run1"]
     assert client.get_model_version_by_alias("m", "newest").version == second
+
+
+def test_default_profile_shape_at_smoke_budgets(tmp_path):
+    """The default profile as `make flywheel` runs it (its five tasks, base v0 trained from scripted demos, its
+    stages, task runner and collect workers), with every budget cut to the bone. A base trained for 10 steps
+    never succeeds: v0 is evaluated on every task, each task's chain ends in no-data manifests (not a crash,
+    not a retry), and the iteration stops with one line naming every task, exit code 2."""
+    from pld_core.config import load_params
+
+    default = load_params(ROOT / "params.yaml", "default")
+    budgets = {"demo.episodes_per_task": 1, "base.steps": 10, "base.batch_size": 8, "offline.max_episodes": 1,
+               "evaluate.episodes": 1, "flywheel.data_dir": str(tmp_path / "data"),
+               "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.artifact_dir": str(tmp_path / "mlartifacts")}
+    sets = [x for k, v in budgets.items() for x in ("--set", f"{k}={v}")]
+    r = pld("flywheel", *sets, timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-4000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: iteration 0: no task has PLD data, nothing to distill"), out[-4000:]
+    for t in default.env.tasks:
+        assert f"task {t}: collect_offline: the base succeeded in 0 of 1 episodes" in last, last
+    assert "UnfinishedRun" not in out and "AwaitingRetry" not in out, out[-4000:]
+    data = tmp_path / "data"
+    ev = json.loads((data / "base_v0_eval/manifest.json").read_text())["metrics"]
+    assert sorted(ev["per_task"]) == [f"{default.env.suite}/{t}" for t in default.env.tasks], ev
+    for t in default.env.tasks:
+        for rel in (f"libero_object-{t}/offline", f"libero_object-{t}/critic_init", f"libero_object-{t}/residual", f"pld/libero_object-{t}"):
+            assert json.loads((data / "iter_0" / rel / "manifest.json").read_text())["metrics"]["no_data"] is True, rel
+    assert not (data / "iter_0/pld_dataset_raw").exists() and not list((data / "iter_0").glob(".tmp-*"))
