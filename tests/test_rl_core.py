@@ -601,3 +601,140 @@ def test_xi_gripper_is_out_of_the_stage_keys_while_unset():
     assert set_.sac.to_sac_config().xi_gripper == 1.0
     with pytest.raises(Exception, match="xi_gripper"):
         Params(sac={"xi_gripper": 0.0})
+
+
+# ---------------------------------------------------------------------------- mechanisms a mutation would break
+# Each test below was seen to fail on the regression its docstring names (planted once, then restored).
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None])).item()
+
+
+def test_critic_step_clips_the_gradient_then_moves_the_target_by_polyak():
+    """Regressions: clip_grad_norm_ dropped from critic_step; polyak_update dropped from critic_step."""
+    torch.manual_seed(0)
+    sac = small_sac(tau=0.1, grad_clip=0.5)
+    batch = random_batch(B=16)
+    batch["reward"] = batch["reward"] * 1000.0  # huge TD errors: the raw gradient is far above the clip
+    target0 = [p.clone() for p in sac.critic_target.parameters()]
+    loss, _ = sac.critic_td_loss(batch)
+    m = sac.critic_step(loss)
+    assert m["critic_grad_norm"] > 100 * 0.5  # the norm before clipping is reported
+    assert _grad_norm(sac.critic) == pytest.approx(0.5, rel=1e-4)  # what the optimizer stepped on
+    for t0, p, t1 in zip(target0, sac.critic.parameters(), sac.critic_target.parameters()):
+        assert torch.allclose(t1, 0.9 * t0 + 0.1 * p, atol=1e-6)
+    assert not all(torch.equal(t0, t1) for t0, t1 in zip(target0, sac.critic_target.parameters()))
+
+
+def test_actor_step_clips_its_gradient():
+    """Regression: clip_grad_norm_ dropped from update_actor."""
+    torch.manual_seed(0)
+    sac = small_sac(grad_clip=0.01, residual_l2=50.0)
+    with torch.no_grad():
+        sac.actor.mean_head.bias.fill_(0.5)  # a residual far from zero under a large l2 pull: a large actor gradient
+    m = sac.update_actor(random_batch(B=16))
+    assert m["actor_grad_norm"] > 10 * 0.01
+    assert _grad_norm(sac.actor) == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.parametrize("target_entropy,direction", [(-100.0, -1), (100.0, +1)])
+def test_temperature_moves_toward_the_target_entropy(target_entropy, direction):
+    """Entropy above the target lowers alpha; below it raises alpha. Regression: the sign of the temperature
+    loss flipped (alpha would grow while the policy is already too random)."""
+    torch.manual_seed(0)
+    sac = small_sac(target_entropy=target_entropy, init_temperature=0.5)
+    before = sac.alpha.item()
+    sac.update_actor(random_batch(B=16))
+    assert (sac.alpha.item() - before) * direction > 0, (before, sac.alpha.item())
+
+
+class _RecordingCritic(torch.nn.Module):
+    """Q_j(s, a) = w_j . a + v . s, with every (obs, action) pair it was asked recorded."""
+
+    def __init__(self, obs_dim: int, act_dim: int, heads: int = 2):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(heads, act_dim, generator=g))
+        self.v = torch.nn.Parameter(torch.randn(obs_dim, generator=g))
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, obs, action):
+        self.calls.append((obs.detach().clone(), action.detach().clone()))
+        return (self.w @ action.T) + (obs @ self.v)[None]
+
+
+def test_calql_evaluates_every_policy_term_at_s_and_samples_next_actions_at_the_next_base_action():
+    """Regressions: the pi(s') term's Q evaluated at s' instead of s; the s' samples conditioned on the base action at s
+    (or the data action) instead of the stored next base action; the s samples conditioned on the next base action."""
+    torch.manual_seed(0)
+    A, B, N = 3, 5, 4
+    sac = small_sac(act_dim=A)
+    sac.critic = _RecordingCritic(4, A)
+    sampled: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = sac.actor.sample
+
+    def recording_sample(obs, base):
+        sampled.append((obs.clone(), base.clone()))
+        return original(obs, base)
+
+    sac.actor.sample = recording_sample
+    sac.critic_target = _RecordingCritic(4, A)
+    batch = random_batch(B=B, act_dim=A)
+    calql_critic_loss(sac, batch, CalQLConfig(n_actions=N))
+    # the actor's samples: [TD target at s' (K=1)], then N at (s, a_b), then N at (s', a_b')
+    (o_s, b_s), (o_n, b_n) = sampled[-2], sampled[-1]
+    assert torch.equal(o_s, batch["obs"].repeat(N, 1)) and torch.equal(b_s, batch["base_action"].repeat(N, 1))
+    assert torch.equal(o_n, batch["next_obs"].repeat(N, 1)) and torch.equal(b_n, batch["next_base_action"].repeat(N, 1))
+    # the critic (not its target): TD Q(s, a), then uniform, pi(s), pi(s') -- all at s -- then Q(s, a_data)
+    calls = sac.critic.calls
+    assert len(calls) == 5
+    assert torch.equal(calls[0][0], batch["obs"]) and torch.equal(calls[0][1], batch["action"])
+    for obs, _ in calls[1:4]:
+        assert torch.equal(obs, batch["obs"].repeat(N, 1))
+    assert torch.equal(calls[4][0], batch["obs"]) and torch.equal(calls[4][1], batch["action"])
+
+
+def test_calql_conservative_term_subtracts_q_of_the_stored_data_action():
+    """Q linear in the action: moving the data action by d changes the conservative term by exactly
+    -sum_j mean_b w_j . d (the sampled terms are the same under the same seed). Regression: the data
+    term evaluated at the base action or a policy action instead of the stored action."""
+    A, B = 3, 6
+    torch.manual_seed(0)
+    sac = small_sac(act_dim=A)
+    sac.critic = _RecordingCritic(4, A)
+    batch = random_batch(B=B, act_dim=A)
+    moved = dict(batch, action=batch["action"] + 0.25)
+    cfg = CalQLConfig(n_actions=3, cql_alpha=1.0)
+    torch.manual_seed(5)
+    _, m1 = calql_critic_loss(sac, batch, cfg)
+    torch.manual_seed(5)
+    _, m2 = calql_critic_loss(sac, moved, cfg)
+    expected = -(sac.critic.w.detach() @ torch.full((A,), 0.25)).sum().item()
+    assert m2["cql_conservative"] - m1["cql_conservative"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_calql_pretraining_ranks_data_actions_above_out_of_distribution_ones():
+    """On offline successes whose actions sit in one corner of the action space, Cal-QL pretraining leaves
+    Q(s, a_data) above Q(s, a) for uniform actions at the same states; plain TD training (cql_alpha 0)
+    on the same data does not separate them as much. Regression: the conservative term dropped or its sign flipped."""
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(2000, 4, 3, gamma=0.9)
+    for _ in range(40):
+        T = 10
+        acts = np.clip(0.6 + 0.05 * rng.standard_normal((T, 3)), -1, 1)
+        buf.add_episode(rng.normal(size=(T + 1, 4)), np.full((T + 1, 3), 0.6), acts, np.eye(T)[-1], np.eye(T)[-1])
+
+    def gap(alpha: float) -> float:
+        torch.manual_seed(0)
+        sac = small_sac(gamma=0.9, batch_size=64, xi=0.5)
+        calql_pretrain(sac, buf, 300, CalQLConfig(cql_alpha=alpha, n_actions=4), np.random.default_rng(1))
+        batch = to_torch(buf.sample(256, np.random.default_rng(2)))
+        with torch.no_grad():
+            q_data = sac.critic(batch["obs"], batch["action"]).min(0).values.mean().item()
+            q_ood = sac.critic(batch["obs"], -batch["action"]).min(0).values.mean().item()
+        return q_data - q_ood
+
+    conservative, plain = gap(1.0), gap(0.0)
+    assert conservative > 0.5, conservative
+    assert conservative > plain + 0.3, (conservative, plain)
