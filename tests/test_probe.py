@@ -218,6 +218,102 @@ def test_warmup_episodes_execute_the_base_action(trained):
     assert log[0]["warmup"] and residual_differs and min(residual_differs) > 0.9
 
 
+class FrozenEnv:
+    """The real env's first observation, forever: a step costs no physics and an episode ends at ``max_steps``.
+    For the loop's bookkeeping over many episodes (what the base, the residual and the replay see), not behaviour."""
+
+    def __init__(self, env: LiberoEnv, max_steps: int):
+        self._env, self.max_steps = env, max_steps
+        self.actions: list[list[np.ndarray]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def reset(self, init_state: int = 0, seed: int = 0):
+        self.obs, self.t = self._env.reset(init_state, seed=seed), 0
+        self.actions.append([])
+        return self.obs
+
+    def step(self, action):
+        self.t += 1
+        self.actions[-1].append(np.asarray(action, dtype=np.float32).copy())
+        return self.obs, 0.0, False, self.t >= self.max_steps, {}
+
+
+class RecordingBase:
+    """Any base, with every action it returned recorded per episode."""
+
+    def __init__(self, base):
+        self.base, self.episodes = base, []
+
+    def reset(self, env):
+        self.base.reset(env)
+        self.episodes.append([])
+
+    def act(self, obs):
+        a = np.asarray(self.base.act(obs), dtype=np.float32)
+        self.episodes[-1].append(a.copy())
+        return a
+
+
+def test_probe_prefix_is_the_base_alone_with_a_uniform_length_then_the_residual_acts(probe, env, tmp_path):
+    """150 episodes of 40 steps: each starts with n ~ U{0..int(0.3 * 40)} steps in which the env receives exactly the
+    base's action, then the residual (forced far from zero) changes every action; only those steps are stored.
+    Regressions seen red: the residual acting during the prefix (``(probing or warmup)`` -> ``warmup``); the draw's
+    upper end excluded (``integers(0, probe_max)``); the prefix bounded by the episode length instead of the fraction."""
+    params = validate_params(tiny(probe_max_fraction=0.3, warmup_episodes=0, learning_starts=10**9))
+    fenv = FrozenEnv(env, max_steps=40)
+    base = RecordingBase(ScriptedExpert(noise=0.3, seed=0))
+    trainer = make_trainer(probe, fenv, params, tmp_path, base=base)
+    with torch.no_grad():
+        trainer.sac.actor.mean_head.bias.fill_(2.0)  # a residual far from zero on every dim it acts on
+    assert trainer.probe_max == 12
+    for _ in range(150):
+        trainer._episode()
+    probes = [e["probe_steps"] for e in trainer.episode_log]
+    assert set(probes) == set(range(13)), sorted(set(probes))
+    assert abs(np.mean(probes) - 6.0) < 1.0
+    for entry, executed, base_actions in zip(trainer.episode_log, fenv.actions, base.episodes):
+        p = entry["probe_steps"]
+        assert len(executed) == 40 and entry["stored_steps"] == 40 - p
+        assert all(np.array_equal(a, b) for a, b in zip(executed[:p], base_actions[:p]))
+        assert all(np.any(a != b) for a, b in zip(executed[p:], base_actions[p:]))
+    assert trainer.stored_transitions == sum(40 - p for p in probes)
+
+
+def test_hybrid_episode_hands_over_at_t_base_and_labels_what_was_executed(env):
+    """collect_pld's episode: the base alone for exactly ``t_base`` steps (label: the base action), then the
+    specialist (label: the executed action); the env receives those actions. Regressions seen red: the handover
+    one step late (``env.t <= t_base``); the takeover labelled with the base action."""
+    from tasks.collect_pld import hybrid_episode
+
+    class Hybrid:
+        def __init__(self):
+            self.expert = ScriptedExpert(noise=0.0)
+
+        def reset(self, env):
+            self.expert.reset(env)
+
+        def base_act(self, obs):
+            return self.expert.act(obs)
+
+        def residual_action(self, obs, base_action):
+            return np.clip(base_action + np.array([0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.5], dtype=np.float32), -1, 1)
+
+    renv = RecordingEnv(env)
+    for t_base in (0, 17):
+        ok, ep = hybrid_episode(renv, Hybrid(), init_state=1, seed=3, t_base=t_base, gamma=0.99)
+        s, executed = ep.steps, np.stack(renv.episodes[-1]["actions"])
+        assert ep.t_base == t_base and ep.success == ok and len(ep) == len(executed)
+        assert np.array_equal(s["action"], executed)
+        assert np.array_equal(s["action"][:t_base], s["base_action"][:t_base])
+        assert np.array_equal(s["label_action"][:t_base], s["base_action"][:t_base])
+        after = slice(t_base, None)
+        assert np.array_equal(s["label_action"][after], s["action"][after])
+        assert np.all(s["action"][after, 6] != s["base_action"][after, 6])  # the specialist's gripper offset
+        assert np.array_equal(s["next_base_action"][:-1], s["base_action"][1:])
+
+
 def test_updates_draw_one_to_one_offline_online_batches(trained):
     trainer, samples = trained["trainer"], trained["samples"]
     half = trained["params"].sac.batch_size // 2
