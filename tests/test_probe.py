@@ -402,6 +402,34 @@ def test_ablation_switches(probe, env, tmp_path, ablation):
         assert trainer.online.size == trainer.env_steps + len(log)
 
 
+def test_the_pretrained_critic_warm_starts_the_specialist_unless_no_calql(probe, tmp_path, monkeypatch):
+    """Through the train_residual stage: the specialist's critic and target start as pretrain_critic's (the actor
+    and the learner process start from this SAC's state); under ``residual.ablation: no_calql`` they start fresh
+    and the stage runs to its end without a critic_init. Regression seen red: critic_state not passed to the trainer."""
+    from tasks import train_residual as stage
+
+    root, started = probe["root"], {}
+    real = stage.make_trainer
+
+    def spy(params, *args, **kwargs):
+        trainer = real(params, *args, **kwargs)
+        started[params.residual.ablation] = {k: v.clone() for k, v in trainer.sac.state_dict().items()
+                                             if k.startswith(("critic.", "critic_target."))}
+        return trainer
+
+    monkeypatch.setattr(stage, "make_trainer", spy)
+    init = load_file(str(root / "critic_init" / pretrain_critic.WEIGHTS))
+    for ablation in ("none", "no_calql"):
+        params = validate_params(tiny(ablation=ablation, env_steps=30, warmup_episodes=0, final_eval_episodes=1, mode="sync"))
+        m = stage.run(params, tmp_path / ablation, BASE, root / "offline", root / "critic_init", show_progress=False)
+        assert m["metrics"]["env_steps"] >= 30 and (tmp_path / ablation / "residual.safetensors").is_file()
+        assert m["inputs"]["critic"] is None if ablation == "no_calql" else m["inputs"]["critic"]["dir"] == str(root / "critic_init")
+    warm, fresh = started["none"], started["no_calql"]
+    assert warm.keys() == fresh.keys() and len(warm) > 4
+    assert all(torch.equal(v, init[k]) for k, v in warm.items())
+    assert not any(torch.equal(v, init[k]) for k, v in fresh.items() if k.endswith("weight"))
+
+
 # ----------------------------------------------------------------------------- resume after SIGKILL
 DRIVER = """
 import json, sys
