@@ -276,3 +276,50 @@ def test_dart_demos_label_the_clean_expert_action(tmp_path):
     assert np.abs(a[:, :3] - label[:, :3]).mean() > 0.05  # executed: perturbed translation
     np.testing.assert_array_equal(a[:, 3:], label[:, 3:])  # rotation and gripper untouched
     assert np.abs(label).max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- the stage protocol
+def test_a_stage_rebuilds_when_a_param_or_an_input_it_reads_changes_and_only_then(tmp_path):
+    """run_stage: the same params and inputs skip; another value of a param the stage reads, or another input
+    digest, rebuilds (a new manifest key, the new output in place); forcing rebuilds too. Regressions seen red:
+    the key leaving out the params, or the inputs."""
+    from pld_core.artifacts import read_manifest
+    from tasks.common import run_stage
+
+    builds = []
+
+    def build(value):
+        def _build(tmp: Path) -> dict:
+            builds.append(value)
+            (tmp / "out.txt").write_text(str(value))
+            return {"value": value}
+        return _build
+
+    out = tmp_path / "stage"
+    first = run_stage("s", out, {"steps": 10}, {"up": "aaa"}, build(1))
+    assert first["skipped"] is False and builds == [1]
+    assert run_stage("s", out, {"steps": 10}, {"up": "aaa"}, build(2))["skipped"] is True and builds == [1]
+    second = run_stage("s", out, {"steps": 20}, {"up": "aaa"}, build(3))
+    assert second["skipped"] is False and second["key"] != first["key"] and (out / "out.txt").read_text() == "3"
+    third = run_stage("s", out, {"steps": 20}, {"up": "bbb"}, build(4))
+    assert third["skipped"] is False and third["key"] not in (first["key"], second["key"])
+    assert run_stage("s", out, {"steps": 20}, {"up": "bbb"}, build(5), force=True)["skipped"] is False
+    assert builds == [1, 3, 4, 5] and read_manifest(out)["metrics"] == {"value": 5}
+
+
+def test_collect_offline_key_follows_what_the_stage_reads_for_its_task():
+    """collect_offline's key changes with its own section, gamma and the base, and not with the other tasks in
+    env.tasks (adding a task to the list rebuilds nothing of the tasks already there)."""
+    from pld_core.config import validate_params
+    from tasks.collect_offline import stage_key
+
+    def key(base="scripted:noise=0.3", **sections):
+        raw = {"env": {"tasks": [0, 1]}, **sections}
+        return stage_key(validate_params(raw), base, 0)
+
+    k = key()
+    assert key(env={"tasks": [0, 1, 2]}) == k
+    assert key(offline={"max_episodes": 41}) != k
+    assert key(sac={"gamma": 0.98}) != k
+    assert key(base="scripted:noise=0.4") != k
+    assert key(sac={"lr": 1e-3}) == k  # a param the stage does not read

@@ -103,8 +103,16 @@ def test_weights_file_is_loaded_and_keyed(tmp_path):
     loaded = build_backbone(f).state_dict()
     assert torch.equal(loaded["conv1.weight"], net.state_dict()["conv1.weight"])
     assert not torch.equal(loaded["conv1.weight"], build_backbone(None).state_dict()["conv1.weight"])
+    import hashlib
+
     key = encoder_weights_identity(params_for(image_encoder_weights=str(f)))
-    assert key and key == encoder_weights_identity(params_for(image_encoder_weights=str(f)))
+    assert key == hashlib.sha256(f.read_bytes()).hexdigest()[:16]  # the file's content, not its name
+    g = tmp_path / "copy.safetensors"
+    g.write_bytes(f.read_bytes())
+    assert encoder_weights_identity(params_for(image_encoder_weights=str(g))) == key
+    torch.manual_seed(8)
+    save_file({k: v.contiguous() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}, str(g))
+    assert encoder_weights_identity(params_for(image_encoder_weights=str(g))) != key  # other weights, another key
     assert train_residual._residual_params(params_for(image_encoder_weights=str(f)))["image_encoder_weights"] == key
 
 
