@@ -106,12 +106,14 @@ import yaml
 import zarr
 
 from pld_core.cli import main as pld_main
-from pld_core.store import Episode, TrajectoryStore
+from pld_core.store import TrajectoryStore
+
+from builders import make_episode, make_state_act
 
 try:
-    from distill_fixtures import make_image_act_checkpoint, make_store
+    from builders import make_image_act_checkpoint, make_store
 except ImportError:  # tests/ became a package
-    from tests.distill_fixtures import make_image_act_checkpoint, make_store
+    from tests.builders import make_image_act_checkpoint, make_store
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECT_ENV_DIM = 40  # libero_object: 3 objects x 10 + 10 tasks
@@ -166,37 +168,13 @@ def write_params(tmp_path: Path, mutate=None, name: str = "params.yaml", **top) 
     return p
 
 
-def make_state_act(path: Path, env_dim: int = OBJECT_ENV_DIM, act_dim: int = 7) -> Path:
-    """An untrained state-only ACT saved as LeRobot saves a pretrained_model dir (no training)."""
-    import torch
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies.act.configuration_act import ACTConfig
-    from lerobot.policies.act.modeling_act import ACTPolicy
-    from lerobot.policies.factory import make_pre_post_processors
-
-    inputs = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
-              "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(env_dim,))}
-    outputs = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(act_dim,))}
-    cfg = ACTConfig(input_features=inputs, output_features=outputs, pretrained_backbone_weights=None,
-                    dim_model=16, n_heads=2, dim_feedforward=32, n_encoder_layers=1, n_decoder_layers=1,
-                    latent_dim=4, chunk_size=2, n_action_steps=2, use_vae=False, device="cpu")
-    torch.manual_seed(0)
-    policy = ACTPolicy(cfg)
-    stats = {k: {"mean": np.zeros(ft.shape, np.float32), "std": np.ones(ft.shape, np.float32)}
-             for k, ft in {**inputs, **outputs}.items()}
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    for obj in (policy, pre, post):
-        obj.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpts")
     return {
         # for `pld eval` on libero_object (env_state 40): each is wrong in one way only
-        "object": make_state_act(d / "object"),
-        "object_action6": make_state_act(d / "object_action6", act_dim=6),
+        "object": make_state_act(d / "object", env_dim=OBJECT_ENV_DIM),
+        "object_action6": make_state_act(d / "object_action6", env_dim=OBJECT_ENV_DIM, act_dim=6),
         "object_cameras": make_image_act_checkpoint(d / "object_cameras", env_dim=OBJECT_ENV_DIM),
         # for `pld stage sft` on the test dataset (env_state 6)
         "action6": make_state_act(d / "action6", env_dim=6, act_dim=6),
@@ -423,24 +401,9 @@ def test_task_out_of_range(capsys, tmp_path, ckpts):
 
 
 # ----------------------------------------------------------------------------- trajectory stores
-def _episode(n: int, task: int = 0, env_dim: int = 4) -> Episode:
-    steps = {
-        "obs_state": np.zeros((n, 8), np.float32),
-        "obs_env_state": np.zeros((n, env_dim), np.float32),
-        "base_action": np.zeros((n, 7), np.float32),
-        "action": np.full((n, 7), 0.1, np.float32),
-        "label_action": np.full((n, 7), 0.1, np.float32),
-        "next_base_action": np.zeros((n, 7), np.float32),
-        "reward": np.r_[np.zeros(n - 1), 1.0].astype(np.float32),
-        "done": np.r_[np.zeros(n - 1, bool), True],
-        "mc_return": (0.99 ** np.arange(n - 1, -1, -1)).astype(np.float32),
-    }
-    return Episode(steps=steps, task_index=task, init_state=0, seed=0, success=True)
-
-
 def _store(path: Path, task: int = 0) -> Path:
     s = TrajectoryStore.create(path, {"obs_state": (8,), "obs_env_state": (4,)}, suite="libero_object", task_names=["a", "b"])
-    s.append([_episode(5, task=task), _episode(3, task=min(task, 1))])
+    s.append([make_episode(5, task=task), make_episode(3, task=min(task, 1))])
     return path
 
 
@@ -641,7 +604,7 @@ def test_disk_full_at_the_commit_record(capsys, tmp_path, monkeypatch):
     out = tmp_path / "demos.zarr"
     store = TrajectoryStore.create(out, {"obs_state": (8,), "obs_env_state": (OBJECT_ENV_DIM,)}, suite="libero_object",
                                    task_names=task_names("libero_object"), extra_attrs={"source": "scripted", "noise": 0.0})
-    store.append([_episode(6, env_dim=OBJECT_ENV_DIM)])
+    store.append([make_episode(6, env_dim=OBJECT_ENV_DIM)])
     real_put = local._put
 
     def put(path, value, exclusive=False):

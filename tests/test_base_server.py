@@ -27,9 +27,9 @@ from pld_core.base_server import BaseServer, RemoteBase, unbatchable
 from pld_core.env import EnvSpec, env_state_dim
 
 try:
-    from distill_fixtures import save_untrained_act
+    from builders import make_state_act as build_state_act
 except ImportError:  # tests/ became a package
-    from tests.distill_fixtures import save_untrained_act
+    from tests.builders import make_state_act as build_state_act
 
 SUITE, MAX_OBJECTS = "libero_object", 3
 ENV_DIM = env_state_dim(SUITE, MAX_OBJECTS)
@@ -37,17 +37,10 @@ N_ACTION_STEPS = 3
 
 
 def make_state_act(path: Path, seed: int = 0, **cfg_overrides) -> Path:
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies.act.configuration_act import ACTConfig
-
-    inputs = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
-              "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(ENV_DIM,))}
-    kw = dict(pretrained_backbone_weights=None, dim_model=32, n_heads=2, dim_feedforward=64, n_encoder_layers=1,
-              n_decoder_layers=1, latent_dim=8, chunk_size=4, n_action_steps=N_ACTION_STEPS, device="cpu",
+    kw = dict(dim_model=32, n_heads=2, dim_feedforward=64, n_encoder_layers=1, n_decoder_layers=1, latent_dim=8, chunk_size=4,
+              n_action_steps=N_ACTION_STEPS, use_vae=True,
               normalization_mapping={"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ENV": "MEAN_STD", "ACTION": "MEAN_STD"})
-    cfg = ACTConfig(input_features=inputs, output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(7,))},
-                    **{**kw, **cfg_overrides})
-    return save_untrained_act(path, cfg, seed=seed, random_stats=True)
+    return build_state_act(path, env_dim=ENV_DIM, seed=seed, random_stats=True, **{**kw, **cfg_overrides})
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 try:
-    from distill_fixtures import ENV_DIM, IMG_HW, TASKS, TINY_ACT, make_image_act_checkpoint, make_store
+    from builders import ENV_DIM, IMG_HW, TASKS, TINY_ACT, make_image_act_checkpoint, make_store
 except ImportError:  # tests/ became a package
-    from tests.distill_fixtures import ENV_DIM, IMG_HW, TASKS, TINY_ACT, make_image_act_checkpoint, make_store
+    from tests.builders import ENV_DIM, IMG_HW, TASKS, TINY_ACT, make_image_act_checkpoint, make_store
 from pld_core.base_policy import BasePolicy
 from pld_core.dataset import augment_quantiles, convert_stores, push_to_hub
 from pld_core.errors import PLDError

@@ -8,35 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pld_core.artifacts import atomic_dir, finish_manifest
 from pld_core.faults import _output_state, compare
-from pld_core.store import Episode, TrajectoryStore
+from pld_core.store import TrajectoryStore
+
+from builders import make_episode
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _episode(n: int, value: float) -> Episode:
-    steps = {
-        "obs_state": np.full((n, 8), value, np.float32),
-        "obs_env_state": np.full((n, 4), value, np.float32),
-        "base_action": np.zeros((n, 7), np.float32),
-        "action": np.full((n, 7), 0.1, np.float32),
-        "label_action": np.full((n, 7), 0.1, np.float32),
-        "next_base_action": np.zeros((n, 7), np.float32),
-        "reward": np.r_[np.zeros(n - 1), 1.0].astype(np.float32),
-        "done": np.r_[np.zeros(n - 1, bool), True],
-        "mc_return": (0.99 ** np.arange(n - 1, -1, -1)).astype(np.float32),
-    }
-    return Episode(steps=steps, task_index=0, init_state=0, seed=0, success=True)
 
 
 def _stage_with_store(out: Path, value: float, key: str = "k") -> Path:
     with atomic_dir(out) as tmp:
         s = TrajectoryStore.create(tmp / "s.zarr", {"obs_state": (8,), "obs_env_state": (4,)}, suite="libero_object", task_names=["a"])
-        s.append([_episode(5, value)])
+        s.append([make_episode(5, value=value)])
         finish_manifest(tmp, "collect_offline", key, {}, {}, {})
     return out
 

@@ -19,7 +19,9 @@ from pld_core.errors import PLDError
 from pld_core.rollout import run_episode
 from pld_core.scripted import ScriptedExpert
 from pld_core.stats import wilson_interval
-from pld_core.store import Episode, TrajectoryStore
+from pld_core.store import TrajectoryStore
+
+from builders import make_episode
 
 ROOT = Path(__file__).resolve().parent.parent
 PLD = [sys.executable, "-m", "pld_core.cli"]
@@ -131,29 +133,14 @@ def test_images_mode_flipped_like_lerobot():
 
 
 # ----------------------------------------------------------------------------- trajectory store
-def _episode(n, task=0, env_dim=4, value=0.0, success=True):
-    steps = {
-        "obs_state": np.full((n, 8), value, np.float32),
-        "obs_env_state": np.full((n, env_dim), value, np.float32),
-        "base_action": np.zeros((n, 7), np.float32),
-        "action": np.full((n, 7), 0.1, np.float32),
-        "label_action": np.full((n, 7), 0.1, np.float32),
-        "next_base_action": np.zeros((n, 7), np.float32),
-        "reward": np.r_[np.zeros(n - 1), 1.0].astype(np.float32),
-        "done": np.r_[np.zeros(n - 1, bool), True],
-        "mc_return": (0.99 ** np.arange(n - 1, -1, -1)).astype(np.float32),
-    }
-    return Episode(steps=steps, task_index=task, init_state=0, seed=0, success=success)
-
-
 def _new_store(path, env_dim=4):
     return TrajectoryStore.create(path, {"obs_state": (8,), "obs_env_state": (env_dim,)}, suite="libero_object", task_names=["a", "b"])
 
 
 def test_store_roundtrip(tmp_path):
     s = _new_store(tmp_path / "s.zarr")
-    s.append([_episode(5, value=1.0), _episode(3, task=1, value=2.0)])
-    s.append([_episode(4, value=3.0)])
+    s.append([make_episode(5, value=1.0), make_episode(3, task=1, value=2.0)])
+    s.append([make_episode(4, value=3.0)])
     s = TrajectoryStore.open(tmp_path / "s.zarr")
     assert s.n_episodes == 3 and s.n_steps == 12
     np.testing.assert_array_equal(s.episode_ends, [5, 8, 12])
@@ -166,7 +153,7 @@ def test_store_roundtrip(tmp_path):
 def test_store_uncommitted_rows_are_invisible_and_trimmed(tmp_path):
     path = tmp_path / "s.zarr"
     s = _new_store(path)
-    s.append([_episode(5)])
+    s.append([make_episode(5)])
     # a killed append: step arrays written, episode_ends not
     g = zarr.open_group(str(path), mode="r+")
     for name in ("obs_state", "action", "reward"):
@@ -176,14 +163,14 @@ def test_store_uncommitted_rows_are_invisible_and_trimmed(tmp_path):
     assert r.n_steps == 5 and len(r.load()["obs_state"]) == 5
     a = TrajectoryStore.open(path, mode="a")  # a writer trims the half episode
     assert zarr.open_group(str(path))["data"]["action"].shape[0] == 5
-    a.append([_episode(2, value=7.0)])
+    a.append([make_episode(2, value=7.0)])
     eps = TrajectoryStore.open(path).episodes()
     assert len(eps[1]) == 2 and np.all(eps[1].steps["obs_state"] == 7.0)
 
 
 def test_store_missing_array_is_a_clear_error(tmp_path):
     path = tmp_path / "s.zarr"
-    _new_store(path).append([_episode(3)])
+    _new_store(path).append([make_episode(3)])
     del zarr.open_group(str(path), mode="r+")["data"]["mc_return"]
     with pytest.raises(PLDError, match=r"array 'data/mc_return' is missing"):
         TrajectoryStore.open(path)
@@ -201,12 +188,12 @@ def test_store_wrong_dtype_is_a_clear_error(tmp_path):
 
 def test_store_rejects_nan_actions_and_bad_rewards(tmp_path):
     s = _new_store(tmp_path / "s.zarr")
-    bad = _episode(3)
+    bad = make_episode(3)
     bad.steps["action"][1, 2] = np.nan
     with pytest.raises(PLDError, match="NaN or infinite"):
         s.append([bad])
     assert s.n_episodes == 0
-    weird = _episode(3)
+    weird = make_episode(3)
     weird.steps["reward"][0] = 0.5
     s.append([weird])
     with pytest.raises(PLDError, match="per-step data fails validation"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ from pld_core.parallel import EpisodePool, record_episode
 from pld_core.perfbench import _synthetic_buffer
 from pld_core.policies import make_policy_factory
 from pld_core.specialist import EVAL_SEED, StateEncoder, make_trainer
+
+from builders import RecordingEnv, kill_at_first_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE, TASK = "libero_object", 0
@@ -49,28 +50,6 @@ def raw_params(**residual) -> dict:
                      "probe_max_fraction": 0.3, "mode": "async", "sync_every": 20, **residual},
         "evaluate": {"episodes": 1},
     }
-
-
-class RecordingEnv:
-    """A LiberoEnv that logs every episode's observations and executed actions."""
-
-    def __init__(self, env: LiberoEnv):
-        self._env = env
-        self.episodes: list[dict] = []
-
-    def __getattr__(self, name):
-        return getattr(self._env, name)
-
-    def reset(self, init_state: int = 0, seed: int = 0):
-        obs = self._env.reset(init_state, seed=seed)
-        self.episodes.append({"seed": seed, "obs": [obs], "actions": []})
-        return obs
-
-    def step(self, action):
-        out = self._env.step(action)
-        self.episodes[-1]["obs"].append(out[0])
-        self.episodes[-1]["actions"].append(np.asarray(action, dtype=np.float32).copy())
-        return out
 
 
 def build_trainer(raw: dict, work: Path, env=None, **kw):
@@ -156,20 +135,9 @@ def test_async_resume_after_sigkill(tmp_path):
     work = tmp_path / "work"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(driver), str(Path(__file__)), json.dumps(raw), str(work)], cwd=ROOT, env=environ,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not list((work / "checkpoints").glob("step_*/state.json")):
-            assert proc.poll() is None, f"the run exited before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    environ = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "HF_HUB_OFFLINE": "1"}  # the driver imports this module
+    kill_at_first_checkpoint([sys.executable, str(driver), str(Path(__file__)), json.dumps(raw), str(work)], environ,
+                             work / "checkpoints", ROOT)
     ckpt = sorted((work / "checkpoints").glob("step_*"))[-1]
     killed = json.loads((ckpt / "state.json").read_text())
     learner = json.loads((ckpt / "learner.json").read_text())

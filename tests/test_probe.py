@@ -13,9 +13,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,8 @@ from pld_core.specialist import (EVAL_SEED, SpecialistTrainer, StateEncoder, loa
                                  steps_to_threshold, xi_schedule)
 from pld_core.store import TrajectoryStore, mc_returns
 from tasks import collect_offline, pretrain_critic, train_residual
+
+from builders import RecordingEnv, kill_at_first_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "scripted:noise=0.3"
@@ -54,29 +54,8 @@ def tiny(**residual) -> dict:
     }
 
 
-class RecordingEnv:
-    """A LiberoEnv that logs every episode's observations and executed actions."""
-
-    def __init__(self, env: LiberoEnv):
-        self._env = env
-        self.episodes: list[dict] = []
-
-    def __getattr__(self, name):
-        return getattr(self._env, name)
-
-    def reset(self, init_state: int = 0, seed: int = 0):
-        obs = self._env.reset(init_state, seed=seed)
-        self.episodes.append({"seed": seed, "obs": [obs], "actions": []})
-        return obs
-
-    def step(self, action):
-        out = self._env.step(action)
-        self.episodes[-1]["obs"].append(out[0])
-        self.episodes[-1]["actions"].append(np.asarray(action, dtype=np.float32).copy())
-        return out
-
-    def training_episodes(self) -> list[dict]:
-        return [e for e in self.episodes if e["seed"] < EVAL_SEED]
+def training_episodes(renv: RecordingEnv) -> list[dict]:
+    return [e for e in renv.episodes if e["seed"] < EVAL_SEED]
 
 
 class CountingBase(ScriptedExpert):
@@ -182,7 +161,7 @@ def trained(probe, env, tmp_path_factory):
 def test_probing_steps_never_enter_the_replay(trained):
     trainer, renv = trained["trainer"], trained["env"]
     log = trainer.episode_log
-    episodes = renv.training_episodes()
+    episodes = training_episodes(renv)
     assert len(episodes) == len(log) >= 3
     assert sum(e["probe_steps"] for e in log) > 0, "no probing happened: the test would prove nothing"
     assert not any(e["probe_steps"] for e in log if e["warmup"])
@@ -203,7 +182,7 @@ def test_warmup_episodes_execute_the_base_action(trained):
     log, buf = trainer.episode_log, trainer.online
     row = 0
     residual_differs = []
-    for entry, ep in zip(log, renv.training_episodes()):
+    for entry, ep in zip(log, training_episodes(renv)):
         n = entry["stored_steps"]
         if n == 0:
             continue
@@ -451,19 +430,8 @@ def test_train_residual_resumes_after_sigkill(probe, env, tmp_path):
     driver.write_text(DRIVER)
     args = [sys.executable, str(driver), json.dumps(raw), str(out), BASE, str(root / "offline"), str(root / "critic_init")]
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 240
-        while not list(ckpt_root.glob("step_*/state.json")):
-            assert proc.poll() is None, f"train_residual exited before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    returncode = kill_at_first_checkpoint(args, environ, ckpt_root, ROOT)
+    assert returncode == -signal.SIGKILL
     assert read_manifest(out) is None and not out.exists()
     done = sorted(p for p in ckpt_root.glob("step_*") if (p / "state.json").is_file())
     assert len(done) == 1

@@ -1,8 +1,6 @@
-"""Builders for the Distill tests: tiny synthetic trajectory stores, datasets and checkpoints.
-
-Kept out of conftest.py so that they do not collide with the project's shared fixtures; the
-test module imports them explicitly.
-"""
+"""What several test modules build, in one place: synthetic episodes and trajectory stores, untrained ACT
+checkpoints (state only or with both cameras), and a LIBERO env that records what it was sent.
+Test modules import them explicitly (``from builders import ...``)."""
 
 from __future__ import annotations
 
@@ -105,3 +103,78 @@ def save_untrained_act(path: Path, cfg, seed: int = 0, random_stats: bool = Fals
     pre.save_pretrained(path)
     post.save_pretrained(path)
     return path
+
+
+def make_state_act(path: Path, env_dim: int = ENV_DIM, act_dim: int = 7, seed: int = 0, random_stats: bool = False,
+                   **cfg_overrides) -> Path:
+    """An untrained state-only ACT (tiny by default; ``cfg_overrides`` go to ACTConfig)."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.act.configuration_act import ACTConfig
+
+    inputs = {"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(8,)),
+              "observation.environment_state": PolicyFeature(type=FeatureType.ENV, shape=(env_dim,))}
+    kw = dict(pretrained_backbone_weights=None, dim_model=16, n_heads=2, dim_feedforward=32, n_encoder_layers=1,
+              n_decoder_layers=1, latent_dim=4, chunk_size=2, n_action_steps=2, use_vae=False, device="cpu")
+    cfg = ACTConfig(input_features=inputs, output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(act_dim,))},
+                    **{**kw, **cfg_overrides})
+    return save_untrained_act(path, cfg, seed=seed, random_stats=random_stats)
+
+
+def make_episode(n: int, task: int = 0, env_dim: int = 4, value: float = 0.0, success: bool = True) -> Episode:
+    """A synthetic n-step episode in the store's layout: observations all ``value``, reward 1 at the end."""
+    steps = {
+        "obs_state": np.full((n, 8), value, np.float32),
+        "obs_env_state": np.full((n, env_dim), value, np.float32),
+        "base_action": np.zeros((n, 7), np.float32),
+        "action": np.full((n, 7), 0.1, np.float32),
+        "label_action": np.full((n, 7), 0.1, np.float32),
+        "next_base_action": np.zeros((n, 7), np.float32),
+        "reward": np.r_[np.zeros(n - 1), 1.0].astype(np.float32),
+        "done": np.r_[np.zeros(n - 1, bool), True],
+        "mc_return": (0.99 ** np.arange(n - 1, -1, -1)).astype(np.float32),
+    }
+    return Episode(steps=steps, task_index=task, init_state=0, seed=0, success=success)
+
+
+class RecordingEnv:
+    """A LiberoEnv that logs every episode's seed, observations and executed actions."""
+
+    def __init__(self, env):
+        self._env = env
+        self.episodes: list[dict] = []
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def reset(self, init_state: int = 0, seed: int = 0):
+        obs = self._env.reset(init_state, seed=seed)
+        self.episodes.append({"seed": seed, "obs": [obs], "actions": []})
+        return obs
+
+    def step(self, action):
+        out = self._env.step(action)
+        self.episodes[-1]["obs"].append(out[0])
+        self.episodes[-1]["actions"].append(np.asarray(action, dtype=np.float32).copy())
+        return out
+
+
+def kill_at_first_checkpoint(args: list[str], env: dict, ckpt_root: Path, cwd: Path, timeout: float = 240) -> int:
+    """Start ``args``, SIGKILL it as soon as a checkpoint (``ckpt_root/step_*/state.json``) exists; its return code."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while not list(Path(ckpt_root).glob("step_*/state.json")):
+            assert proc.poll() is None, f"the run exited before its first checkpoint: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, f"no checkpoint within {timeout} s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return proc.returncode
