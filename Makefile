@@ -35,7 +35,7 @@ flywheel: setup
 	$(VENV)/bin/pld flywheel
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --timeout 1500 --durations=15
+	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout 1500 --durations=15
 
 bench: setup
 	$(VENV)/bin/pld bench all

@@ -138,16 +138,14 @@ def test_a_task_whose_base_never_succeeds_is_recorded_and_the_rest_is_distilled(
 
 
 def test_rerun_skips_every_stage(smoke_run):
-    tmp, _, first_seconds = smoke_run
+    """Nothing rebuilt or redrawn (how fast a cached rerun is: `pld bench overhead`)."""
+    tmp, _, _ = smoke_run
     before = manifests(tmp / "data")
     figures = {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()}
-    t0 = time.time()
     r = pld("flywheel", *smoke_overrides(tmp, runner="sequential"), *TWO_TASKS)
-    seconds = time.time() - t0
     assert r.returncode == 0, r.stderr[-2000:]
     assert manifests(tmp / "data") == before  # nothing rebuilt
     assert {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()} == figures  # nor redrawn
-    assert seconds < first_seconds / 2, (seconds, first_seconds)
 
 
 def test_dvc_repro_runs_once_then_nothing_then_downstream_only(tmp_path):

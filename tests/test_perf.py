@@ -47,7 +47,8 @@ def raw_params(**residual) -> dict:
         "sac": {"hidden": 32, "layers": 1, "batch_size": 32},
         "residual": {"env_steps": 240, "warmup_episodes": 1, "learning_starts": 100, "checkpoint_every": 10_000,
                      "eval_every": 10_000, "eval_episodes": 1, "replay_capacity": 4000, "xi_warmup_steps": 100,
-                     "probe_max_fraction": 0.3, "mode": "async", "sync_every": 20, **residual},
+                     "probe_max_fraction": 0.3, "mode": "async", "sync_every": 20,
+                     "learner_nice": 0, **residual},  # a niced learner can starve on a loaded 2-core machine: no update in 240 steps
         "evaluate": {"episodes": 1},
     }
 
