@@ -422,6 +422,28 @@ def test_sft_lora_merges_adapter_into_a_full_checkpoint(tiny_ckpt, datasets, tmp
     assert old_w.keys() == new_w.keys()  # merged back: same parameter names as the base, no lora_A/B
     changed = [k for k in old_w if not torch.equal(old_w[k], new_w[k])]
     assert changed and all("linear" in k for k in changed), changed  # only the targeted layers moved
+    # each moved weight is exactly W + (lora_alpha / r) * B @ A of the saved adapter
+    adapter = load_file(new / "lora_adapter" / "adapter_model.safetensors")
+    cfg = json.loads((new / "lora_adapter" / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    moved = set()
+    for key in (k for k in adapter if k.endswith(".lora_A.weight")):
+        name = key[len("base_model.model."):-len(".lora_A.weight")] + ".weight"
+        delta = adapter[key.replace("lora_A", "lora_B")] @ adapter[key]
+        torch.testing.assert_close(new_w[name], old_w[name] + scale * delta, rtol=1e-5, atol=1e-6)
+        moved.add(name)
+    assert moved == set(changed)
+    # and the merged policy acts as the base with the adapter attached (unmerged) does
+    from lerobot.policies.act.modeling_act import ACTPolicy
+    from peft import PeftModel
+
+    with_adapter = PeftModel.from_pretrained(ACTPolicy.from_pretrained(tiny_ckpt), str(new / "lora_adapter")).eval()
+    merged = ACTPolicy.from_pretrained(new).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"observation.state": torch.randn(3, 8, generator=g), "observation.environment_state": torch.randn(3, ENV_DIM, generator=g)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged.predict_action_chunk(batch), with_adapter.predict_action_chunk(batch), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(merged.predict_action_chunk(batch), ACTPolicy.from_pretrained(tiny_ckpt).eval().predict_action_chunk(batch))
     bp = BasePolicy.load(new, "state", env_state_dim=ENV_DIM)
     bp.reset(TASKS[0])
     assert bp.act({"state": np.zeros(8, np.float32), "env_state": np.zeros(ENV_DIM, np.float32)}).shape == (7,)
