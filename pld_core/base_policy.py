@@ -1,10 +1,9 @@
 """The frozen base policy: an adapter around any LeRobot policy checkpoint.
 
-PLD never changes the base while probing and learning (DESIGN.md, "Probe" and "Learn"): it only
+PLD never changes the base while probing and learning ("Probe" and "Learn"): it only
 asks it for actions. This adapter wraps LeRobot's own policy class and its saved processor
-pipelines (normalization, tokenization, device) rather than re-implementing them (STYLE.md,
-LeRobot): ``<Policy>.from_pretrained(dir)`` + ``make_pre_post_processors(config,
-pretrained_path=dir)``, then ``post(policy.select_action(pre(batch)))``. The policy keeps its own
+pipelines (normalization, tokenization, device) rather than re-implementing them:
+``<Policy>.from_pretrained(dir)`` + ``make_pre_post_processors(config, pretrained_path=dir)``, then ``post(policy.select_action(pre(batch)))``. The policy keeps its own
 action-chunk queue: the model runs once every ``n_action_steps`` calls of :meth:`BasePolicy.act`,
 and :meth:`BasePolicy.reset` empties the queue at every episode start.
 

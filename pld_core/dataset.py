@@ -1,6 +1,6 @@
 """Distill, part 1: trajectory stores -> one LeRobotDataset (v3), plus quantile statistics.
 
-The PLD stores hold successful hybrid episodes (DESIGN.md, "Learn"); the SFT stage wants them as
+The PLD stores hold successful hybrid episodes (PLD's "Learn"); the SFT stage wants them as
 a LeRobotDataset that LeRobot's own trainer and loaders read unchanged. The feature names are
 those of LeRobot's LIBERO datasets (see ``pld_core.features``): ``observation.state``,
 ``observation.environment_state``, ``observation.images.image`` / ``image2`` (stored as ``image``

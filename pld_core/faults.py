@@ -1,6 +1,6 @@
 """Fault injection: SIGKILL every stage at a random moment, rerun it, and check nothing was lost.
 
-``pld bench faults --trials N`` (issue 6). The harness
+``pld bench faults --trials N``. The harness
 
 1. runs every stage of one iteration (bootstrap + iteration 0) of a profile (``smoke`` by default)
    once, each as its own ``pld stage`` process, into ``<root>/ref``: the run that was never killed;

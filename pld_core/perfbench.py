@@ -1,4 +1,4 @@
-"""Speed benchmarks (issue 7): ``pld bench loop | replay | collect``. Each prints one JSON line last.
+"""Speed benchmarks: ``pld bench loop | replay | collect``. Each prints one JSON line last.
 
 - :func:`bench_loop`     bare simulator steps/s (the base acting, no learning) against
                          ``train_residual``'s env steps/s, async and sync, on the same task in one run;

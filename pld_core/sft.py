@@ -44,7 +44,7 @@ smolvla, wall_x and molmoact2 define default target modules; for other types (AC
 only the adapter; ``sft`` merges it into the base weights (``merge_and_unload``) so the output is a
 full checkpoint again, with the adapter kept in ``pretrained_model/lora_adapter/``.
 
-pi0.5 (the GPU path; not feasible on CPU, see shared/FACTS.md): run the flywheel in ``images``
+pi0.5 (the GPU path; not feasible on CPU: 19 GB and minutes per chunk here): run the flywheel in ``images``
 mode (its inputs are ``observation.images.image`` / ``image2`` + ``observation.state`` + the
 task text); pi0.5 normalizes state and action with QUANTILES, so the dataset must carry q01/q99
 (``augment_quantiles``) whenever the statistics come from the dataset (``norm_stats="dataset"`` or

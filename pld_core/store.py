@@ -1,6 +1,6 @@
 """Trajectory store: flat per-step arrays in one Zarr v3 group plus an ``episode_ends`` index.
 
-The layout follows diffusion_policy's ReplayBuffer (see shared/STYLE.md)::
+The layout follows diffusion_policy's ReplayBuffer::
 
     <store>.zarr/
       data/<name>        per-step arrays, first axis = step (obs_state, base_action, action, ...)

@@ -19,7 +19,7 @@ log = logging.getLogger("pld")
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths of every artifact (DESIGN.md's data flow)."""
+    """Paths of every artifact, one place for the whole data flow."""
 
     root: Path
 

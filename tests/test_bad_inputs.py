@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 6).
+"""The bad-input catalogue.
 
 Every case runs the real CLI (``pld_core.cli.main([...])`` in process, or ``python -m pld_core.cli``
 in a child process where a second process or a mount namespace is the point) and checks
