@@ -251,7 +251,8 @@ def test_calql_rejects_missing_mc_return_and_pretrains():
     assert sum("actor_loss" in h for h in history) == 3  # critic:actor ratio 2
     batch = to_torch(buf.sample(4, rng))
     batch["mc_return"][0] = float("nan")
-    with pytest.raises(PLDError, match="mc_return"):
+    with pytest.raises(PLDError, match=r"^Cal-QL needs Monte-Carlo returns, but the batch has NaN mc_return; store 'mc_return' "
+                                       r"for the offline episodes \(ReplayBuffer\.add_episode computes it when None\)\.$"):
         calql_critic_loss(sac, batch, CalQLConfig())
 
 
@@ -738,3 +739,175 @@ def test_calql_pretraining_ranks_data_actions_above_out_of_distribution_ones():
     conservative, plain = gap(1.0), gap(0.0)
     assert conservative > 0.5, conservative
     assert conservative > plain + 0.3, (conservative, plain)
+
+
+def test_sac_update_reports_every_metric_under_its_name_with_its_value():
+    """The names MLflow logs and the values behind them (with a fixed residual sample): a renamed metric or a
+    wrong temperature loss (e.g. -alpha / (logp + H) for -alpha * (logp + H)) shows here."""
+    torch.manual_seed(0)
+    sac = small_sac(init_temperature=0.5, target_entropy=-1.0)
+    L = torch.full((16,), -0.3)
+    sac.actor.sample = lambda obs, base: (torch.zeros_like(base), L.clone(), torch.zeros_like(base))
+    m = sac.update(random_batch(B=16), step=1)
+    assert set(m) == {"critic_td_loss", "q_data", "td_target", "critic_grad_norm", "actor_loss", "actor_grad_norm",
+                      "alpha_loss", "alpha", "entropy"}
+    assert m["alpha_loss"] == pytest.approx(-0.5 * (-0.3 - 1.0), rel=1e-5)
+    assert m["entropy"] == pytest.approx(0.3, rel=1e-5)
+    assert m["alpha"] == pytest.approx(sac.alpha.item())
+
+
+def test_calql_reports_its_terms_by_name():
+    torch.manual_seed(0)
+    _, m = calql_critic_loss(small_sac(), random_batch(B=8), CalQLConfig(n_actions=2))
+    assert set(m) == {"critic_td_loss", "q_data", "td_target", "calql_loss", "cql_conservative", "cql_lse", "calql_bound_rate"}
+    assert m["calql_loss"] == pytest.approx(m["critic_td_loss"] + 5.0 * m["cql_conservative"], rel=1e-5)
+
+
+def test_actor_updates_on_every_ratio_th_step_for_a_ratio_of_three():
+    """(step + 1) % 3 == 0: steps 2, 5, 8 (a ratio of 2 cannot tell step + 1 from step - 1)."""
+    torch.manual_seed(0)
+    sac = small_sac(critic_actor_ratio=3)
+    batch = random_batch(B=16)
+    assert [("actor_loss" in sac.update(batch, step=s)) for s in range(9)] == [False, False, True] * 3
+
+
+def test_calql_uniform_actions_cover_the_action_box_and_xi_zero_is_finite():
+    """The uniform term samples [-1, 1]^A (not [-1, 0] or [-2, 1]); at xi = 0 (no residual authority) the policy
+    terms drop out of the logsumexp instead of making the loss infinite or raising."""
+    torch.manual_seed(0)
+    A, N, B = 3, 64, 8
+    sac = small_sac(act_dim=A)
+    seen = []
+    critic = sac.critic
+    sac.critic = lambda obs, action: (seen.append(action.detach().clone()), critic(obs, action))[1]
+    calql_critic_loss(sac, random_batch(B=B, act_dim=A), CalQLConfig(n_actions=N))
+    unif = seen[1]
+    assert unif.shape == (N * B, A) and unif.min() >= -1 and unif.max() <= 1 and unif.min() < -0.95 and unif.max() > 0.95
+    assert abs(unif.mean().item()) < 0.05
+    sac = small_sac(act_dim=A, xi=0.0)
+    loss, m = calql_critic_loss(sac, random_batch(B=B, act_dim=A), CalQLConfig(n_actions=4))
+    assert math.isfinite(loss.item()) and math.isfinite(m["cql_lse"])
+
+
+def test_sac_checkpoint_names_and_a_mismatched_checkpoint_is_refused():
+    """The checkpoint format: optimizer moments under optim.<actor|critic|alpha>.<param index>.<key>; a checkpoint
+    missing a network tensor, or 'log_alpha', is refused with the reason (never loaded partially)."""
+    torch.manual_seed(0)
+    sac = small_sac()
+    sac.update(random_batch(B=16), step=1)
+    state = sac.state_dict()
+    for name in ("actor", "critic", "alpha"):
+        assert {f"optim.{name}.0.step", f"optim.{name}.0.exp_avg", f"optim.{name}.0.exp_avg_sq"} <= set(state), name
+    missing = {k: v for k, v in state.items() if k != "critic.heads.0.0.weight"}
+    with pytest.raises(PLDError, match=r"residual checkpoint does not match the network config \(hidden/layers/n_q/dims\)"):
+        small_sac().load_state_dict(missing)
+    with pytest.raises(PLDError, match=r"^residual checkpoint lacks key 'log_alpha'; it is not a ResidualSAC checkpoint\.$"):
+        small_sac().load_state_dict({k: v for k, v in state.items() if k != "log_alpha"})
+
+
+def _episode_arrays(T: int, obs_dim: int = 4, act_dim: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(T + 1, obs_dim)), rng.uniform(-1, 1, (T + 1, act_dim)), rng.uniform(-1, 1, (T, act_dim)),
+            np.eye(T)[-1], np.eye(T)[-1])
+
+
+@pytest.mark.parametrize("key,index,bad_shape", [("obs", 0, (4, 4)), ("base_action", 1, (6, 2)), ("action", 2, (4, 3)),
+                                                 ("done", 4, (4,))])
+def test_add_episode_names_the_array_whose_shape_is_wrong(key, index, bad_shape):
+    """T = 5 transitions: obs and base_action need 6 rows, action 5, done 5; the message names the array, both shapes
+    and the rule, and nothing is written."""
+    buf = ReplayBuffer(50, 4, 3)
+    arrays = list(_episode_arrays(5))
+    arrays[index] = np.zeros(bad_shape)
+    want = {"obs": (6, 4), "base_action": (6, 3), "action": (5, 3), "done": (5,)}[key]
+    msg = (f"add_episode: '{key}' has shape {bad_shape}, expected {want} (T=5 transitions need T+1 observation rows); "
+           "fix the episode arrays.")
+    with pytest.raises(PLDError) as e:
+        buf.add_episode(*arrays)
+    assert str(e.value) == msg and buf.size == 0 and len(buf) == 0
+
+
+def test_add_episode_capacity_bound_and_mc_return_shape_are_exact():
+    buf = ReplayBuffer(6, 4, 3)
+    buf.add_episode(*_episode_arrays(5))  # 6 rows: fits exactly
+    assert buf.size == 6 and len(buf) == 5
+    with pytest.raises(PLDError) as e:
+        ReplayBuffer(5, 4, 3).add_episode(*_episode_arrays(5))
+    assert str(e.value) == "add_episode: episode of 6 rows does not fit a buffer of capacity 5; raise the replay capacity."
+    with pytest.raises(PLDError) as e:
+        ReplayBuffer(50, 4, 3).add_episode(*_episode_arrays(5), mc_return=np.zeros(4))
+    assert str(e.value) == "add_episode: 'mc_return' has shape (4,), expected (5,)."
+
+
+def test_add_episode_rows_sizes_and_the_closing_row():
+    """Two episodes of 3 and 4 transitions: 4 + 5 rows, 7 transitions; each episode's last row is an observation only
+    (no action, reward, done or return, not sampleable), and the stored arrays are float32 copies of the inputs."""
+    buf = ReplayBuffer(20, 4, 3, gamma=0.9)
+    a = _episode_arrays(3, seed=1)
+    b = _episode_arrays(4, seed=2)
+    buf.add_episode(*a)
+    assert (buf.size, buf.ptr, len(buf)) == (4, 4, 3)
+    buf.action[:] = 7.0  # stale values in the rows the next episode writes must not survive
+    buf.reward[:] = 7.0
+    buf.done[:] = 7.0
+    buf.add_episode(*b)
+    assert (buf.size, buf.ptr, len(buf)) == (9, 9, 7)
+    last = 8
+    assert not buf.valid[last] and buf.valid[4:8].all() and buf.valid.dtype == bool
+    assert np.all(buf.action[last] == 0.0) and buf.reward[last] == 0.0 and buf.done[last] == 0.0 and np.isnan(buf.mc_return[last])
+    np.testing.assert_array_equal(buf.obs[4:9], b[0].astype(np.float32))
+    np.testing.assert_array_equal(buf.action[4:8], b[2].astype(np.float32))
+    np.testing.assert_allclose(buf.mc_return[4:8], [0.9 ** 3, 0.9 ** 2, 0.9, 1.0], rtol=1e-6)
+    assert buf.obs.dtype == buf.reward.dtype == buf.mc_return.dtype == np.float32
+
+
+def test_samples_carry_the_next_base_action_for_one_and_two_step_batches():
+    buf = ReplayBuffer(40, 4, 3, gamma=0.5)
+    obs, base, act, rew, done = _episode_arrays(6)
+    buf.add_episode(obs, base, act, rew, done)
+    rng = np.random.default_rng(0)
+    one = buf.sample(64, rng)
+    rows = [int(np.flatnonzero((obs.astype(np.float32) == o).all(1))[0]) for o in one["obs"]]
+    np.testing.assert_array_equal(one["next_base_action"], base.astype(np.float32)[np.array(rows) + 1])
+    assert "discount" not in one and one["reward"].dtype == np.float32
+    two = buf.sample(64, rng, n_step=2)
+    rows = np.array([int(np.flatnonzero((obs.astype(np.float32) == o).all(1))[0]) for o in two["obs"]])
+    m = np.where(rows == 5, 1, 2)  # the last transition ends the episode after one step
+    np.testing.assert_array_equal(two["next_base_action"], base.astype(np.float32)[rows + m])
+    np.testing.assert_allclose(two["discount"], 0.5 ** m)
+    np.testing.assert_allclose(two["reward"], np.where(rows == 4, 0.5, np.where(rows == 5, 1.0, 0.0)))
+    assert two["reward"].dtype == two["done"].dtype == two["discount"].dtype == np.float32
+    with pytest.raises(RuntimeError, match=r"^ReplayBuffer\.sample called on a buffer with no transitions\.$"):
+        ReplayBuffer(10, 4, 3).sample(2, rng)
+
+
+def test_sample_mixed_passes_n_step_and_splits_even_a_one_row_share():
+    """The n-step setting reaches both buffers' samples; a share of one row is still drawn (31 online + 1 offline);
+    an empty buffer leaves the batch to the other; both empty is an error naming both."""
+    off, on = ReplayBuffer(40, 4, 3, gamma=0.5), ReplayBuffer(40, 4, 3, gamma=0.5)
+    off.add_episode(*_episode_arrays(6, seed=1))
+    on.add_episode(*_episode_arrays(6, seed=2))
+    rng = np.random.default_rng(0)
+    b = sample_mixed(off, on, 32, rng, offline_fraction=1 / 32, n_step=3)
+    assert "discount" in b and b["obs"].shape == (32, 4) and b["obs"].dtype == torch.float32
+    assert any(torch.equal(b["obs"][0], torch.as_tensor(o, dtype=torch.float32)) for o in off.obs[:6])
+    assert all(any(torch.equal(x, torch.as_tensor(o, dtype=torch.float32)) for o in on.obs[:6]) for x in b["obs"][1:])
+    b = sample_mixed(off, on, 32, rng, offline_fraction=31 / 32)
+    assert all(any(torch.equal(x, torch.as_tensor(o, dtype=torch.float32)) for o in off.obs[:6]) for x in b["obs"][:31])
+    assert any(torch.equal(b["obs"][31], torch.as_tensor(o, dtype=torch.float32)) for o in on.obs[:6])
+    single = ReplayBuffer(4, 4, 3)
+    single.add_episode(*_episode_arrays(1))  # exactly one transition offline, none online
+    assert sample_mixed(single, ReplayBuffer(4, 4, 3), 8, rng)["obs"].shape == (8, 4)
+    assert sample_mixed(ReplayBuffer(4, 4, 3), single, 8, rng)["obs"].shape == (8, 4)
+    with pytest.raises(RuntimeError, match=r"^sample_mixed: both the offline and the online buffer are empty\.$"):
+        sample_mixed(ReplayBuffer(4, 4, 3), ReplayBuffer(4, 4, 3), 8, rng)
+
+
+def test_add_episode_takes_column_vectors_for_the_per_step_scalars():
+    """reward, done and mc_return given as (T, 1) columns (as a dataset column often is) load like (T,) arrays."""
+    obs, base, act, rew, done = _episode_arrays(5)
+    flat, cols = ReplayBuffer(20, 4, 3, gamma=0.9), ReplayBuffer(20, 4, 3, gamma=0.9)
+    flat.add_episode(obs, base, act, rew, done, mc_return=np.arange(5.0))
+    cols.add_episode(obs, base, act, rew[:, None], done[:, None], mc_return=np.arange(5.0)[:, None])
+    for name in ("reward", "done", "mc_return", "valid"):
+        np.testing.assert_array_equal(getattr(cols, name), getattr(flat, name))
