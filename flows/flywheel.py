@@ -63,7 +63,7 @@ def retry_on_crash(task, task_run, state) -> bool:
     except PLDError:
         return False
     except BaseException:
-        return True
+        pass
     return True
 
 
@@ -98,20 +98,17 @@ def make_task_runner(params: Params):
     raise PLDError(f"unknown flywheel.task_runner '{f.task_runner}'")
 
 
-def _result_in_order(futures: list) -> list[dict]:
-    """Wait for a chain of stage futures; the first failed stage's own exception is raised (its one-line
-    PLDError, not the Prefect 'NotReady'/'PENDING' state of the stages after it)."""
-    out = []
-    for f in futures:
-        f.wait()
-        state = f.state
-        if not state.is_completed():
-            exc = state.result(raise_on_failure=False)
-            if isinstance(exc, BaseException):
-                raise exc
-            raise RuntimeError(f"stage run ended in state {state.type.value}: {state.message}")
-        out.append(f.result())
-    return out
+def _result(future) -> dict:
+    """A stage future's manifest; a failed stage raises its own exception (its one-line PLDError), not the
+    Prefect 'NotReady'/'PENDING' state that the stages waiting on it end in."""
+    future.wait()
+    state = future.state
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BaseException):
+            raise exc
+        raise RuntimeError(f"stage run ended in state {state.type.value}: {state.message}")
+    return future.result()
 
 
 def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None) -> dict:
@@ -124,7 +121,8 @@ def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None
             prev = stage.submit(name, params, root, k, t, parent_run_id, wait_for=[prev] if prev is not None else None)
             chain.append(prev)
         chains[t] = chain
-    done = {t: dict(zip(PER_TASK, _result_in_order(chain))) for t, chain in chains.items()}  # every chain runs to its end first
+    # chain order: the first failed stage of a chain, not the stages it left waiting
+    done = {t: {name: _result(f) for name, f in zip(PER_TASK, chain)} for t, chain in chains.items()}
     specialists, per_task = [], {}
     for t, ms in done.items():
         res, pld = ms["train_residual"], ms["collect_pld"]
@@ -138,7 +136,7 @@ def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None
         print(f"iteration {k}: no PLD data from " + "; ".join(f"{params.env.suite} task {t} ({r})" for t, r in without.items()))
     out = {"specialist_runs": specialists, "specialists": per_task, "tasks_without_data": without}
     for name in ("convert_dataset", "augment_quantiles", "sft", "evaluate"):
-        out[name] = _result_in_order([stage.submit(name, params, root, k, None, parent_run_id)])[0]
+        out[name] = _result(stage.submit(name, params, root, k, None, parent_run_id))
     return out
 
 
@@ -178,7 +176,7 @@ def bootstrap_flow(params: Params, root: str | None = None) -> dict:
         out = {}
         names = ("base_v0", "evaluate_v0") if params.base.path else ("demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0")
         for name in names:
-            out[name] = _result_in_order([stage.submit(name, params, root, 0, None, parent.info.run_id)])[0]
+            out[name] = _result(stage.submit(name, params, root, 0, None, parent.info.run_id))
         rate = out["evaluate_v0"]["metrics"]["success_rate"]
         mlflow.log_metric("base_success_rate", rate)
         digest = out["base_v0_dataset"]["output_digest"] if "base_v0_dataset" in out else None

@@ -3,9 +3,10 @@
 PLD never changes the base while probing and learning ("Probe" and "Learn"): it only
 asks it for actions. This adapter wraps LeRobot's own policy class and its saved processor
 pipelines (normalization, tokenization, device) rather than re-implementing them:
-``<Policy>.from_pretrained(dir)`` + ``make_pre_post_processors(config, pretrained_path=dir)``, then ``post(policy.select_action(pre(batch)))``. The policy keeps its own
-action-chunk queue: the model runs once every ``n_action_steps`` calls of :meth:`BasePolicy.act`,
-and :meth:`BasePolicy.reset` empties the queue at every episode start.
+``<Policy>.from_pretrained(dir)`` + ``make_pre_post_processors(config, pretrained_path=dir)``, then
+``post(policy.select_action(pre(batch)))``. The policy keeps its own action-chunk queue: the model
+runs once every ``n_action_steps`` calls of :meth:`BasePolicy.act`, and :meth:`BasePolicy.reset`
+empties the queue at every episode start.
 
 Everything a user can get wrong is checked in :meth:`BasePolicy.load`, before any rollout:
 the path, that it is a LeRobot checkpoint (config.json with a known ``type``, weights, processor

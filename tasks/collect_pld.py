@@ -26,8 +26,7 @@ from pld_core.parallel import EpisodePool
 from pld_core.rollout import EpisodeRecorder
 from pld_core.specialist import load_residual
 from pld_core.stats import success_summary
-from pld_core.artifacts import require_manifest
-from tasks.common import input_digests, no_data_reason, record_no_data, run_stage
+from tasks.common import input_digests, record_no_data, run_stage
 
 SPECIALIST_ROLLOUTS = 4
 
@@ -121,8 +120,7 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
         return {"task": task, "episodes": len(kept_t_base), "attempts": attempt, "hybrid_success_rate": s["success_rate"],
                 "hybrid_ci95": s["ci95"], "mean_t_base": float(np.mean(kept_t_base)), "steps": store.n_steps}
 
-    inputs = input_digests(residual=residual_dir)
-    reason = no_data_reason(require_manifest(residual_dir, "specialist (stage train_residual)"))
-    if reason:
-        return record_no_data("collect_pld", out_dir, used, inputs, reason, force=force)
-    return run_stage("collect_pld", out_dir, used, inputs, build, force=force)
+    recorded = record_no_data("collect_pld", out_dir, used, ("residual", residual_dir, "specialist (stage train_residual)"), force=force)
+    if recorded:
+        return recorded
+    return run_stage("collect_pld", out_dir, used, input_digests(residual=residual_dir), build, force=force)

@@ -125,7 +125,15 @@ def no_data_reason(manifest: dict | None) -> str | None:
     return metrics.get("reason", "no data") if metrics.get("no_data") else None
 
 
-def record_no_data(stage: str, out_dir: Path, params_used: dict, inputs: dict, reason: str, force: bool = False) -> dict:
-    """The manifest of a stage that has nothing to work on because an upstream stage had no data."""
+def record_no_data(stage: str, out_dir: Path, params_used: dict, upstream: tuple[str, Path, str],
+                   force: bool = False) -> dict | None:
+    """If the upstream stage (``(input name, its dir, what it is)``) recorded no data, record the same reason as
+    this stage's manifest (keyed on the upstream digest, so a rerun skips it) and return it; else None."""
+    name, up_dir, what = upstream
+    manifest = require_manifest(Path(up_dir), what)
+    reason = no_data_reason(manifest)
+    if reason is None:
+        return None
     log.warning("%s: no data (%s); recorded in %s", stage, reason, out_dir)
+    inputs = {name: manifest["output_digest"]}
     return run_stage(stage, out_dir, params_used, inputs, lambda tmp: {"no_data": True, "reason": reason}, force=force)

@@ -33,7 +33,7 @@ from pld_core.image_encoder import encoder_weights_identity
 from pld_core.specialist import check_encoder, make_encoder, offline_buffer_from_store, set_torch_threads
 from pld_core.store import TrajectoryStore
 from tasks.collect_offline import STORE_NAME
-from tasks.common import input_digests, no_data_reason, record_no_data
+from tasks.common import record_no_data
 
 STAGE = "pretrain_critic"
 WEIGHTS = "critic.safetensors"
@@ -90,10 +90,10 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
 
     out_dir = Path(out_dir)
     check_encoder(params.residual.encoder, params.env.mode)
-    reason = no_data_reason(require_manifest(offline_dir, "offline store (stage collect_offline)"))
-    if reason:
-        return record_no_data(STAGE, out_dir, {"calql": params.section_dict("calql")},
-                              input_digests(offline=offline_dir), reason, force=force)
+    recorded = record_no_data(STAGE, out_dir, {"calql": params.section_dict("calql")},
+                              ("offline", offline_dir, "offline store (stage collect_offline)"), force=force)
+    if recorded:
+        return recorded
     offline_manifest, store = open_offline(offline_dir, params)
     key = stage_key(params, offline_manifest)
     if not force and is_fresh(out_dir, key):

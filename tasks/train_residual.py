@@ -36,7 +36,7 @@ from pld_core.specialist import (StateEncoder, check_encoder, final_eval_episode
                                  offline_buffer_from_store, set_torch_threads)
 from tasks import collect_offline, pretrain_critic
 from tasks.collect_offline import base_identity, base_key, env_key
-from tasks.common import input_digests, no_data_reason, record_no_data
+from tasks.common import no_data_reason, record_no_data
 from tasks.pretrain_critic import open_offline
 
 STAGE = "train_residual"
@@ -73,10 +73,10 @@ def run(params: Params, out_dir: Path, base: str, offline_dir: Path, critic_dir:
     use_critic = rp.ablation != "no_calql"
     if use_base:
         validate_policy_spec(base)
-    reason = no_data_reason(require_manifest(offline_dir, "offline store (stage collect_offline)"))
-    if reason:
-        return record_no_data(STAGE, out_dir, {"residual": _residual_params(params), "sac": params.section_dict("sac")},
-                              input_digests(offline=offline_dir), reason, force=force)
+    recorded = record_no_data(STAGE, out_dir, {"residual": _residual_params(params), "sac": params.section_dict("sac")},
+                              ("offline", offline_dir, "offline store (stage collect_offline)"), force=force)
+    if recorded:
+        return recorded
     offline_manifest, store = open_offline(offline_dir, params)
     task = int(store.attrs.get("task", offline_manifest.get("metrics", {}).get("task", -1)))
     check_task(ep.suite, task)
