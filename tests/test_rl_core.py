@@ -911,3 +911,146 @@ def test_add_episode_takes_column_vectors_for_the_per_step_scalars():
     cols.add_episode(obs, base, act, rew[:, None], done[:, None], mc_return=np.arange(5.0)[:, None])
     for name in ("reward", "done", "mc_return", "valid"):
         np.testing.assert_array_equal(getattr(cols, name), getattr(flat, name))
+
+
+# ---------------------------------------------------------------------------- what the mutation benchmark found untested
+# Each test below was written against surviving mutants of ``bench/mutation.py`` and kills the ones its docstring names.
+
+
+def _linears(module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_network_defaults_are_the_papers_and_layer_norm_and_dropout_are_where_asked():
+    """Defaults 256 wide, 3 hidden layers, 2 Q heads, no dropout, LayerNorm in every hidden block (actor and
+    critics); ``layers=0`` is one linear map; critic dropout only when asked (mutants of the defaults, the
+    layer-norm flag, the dropout condition and the layers-0 branches)."""
+    assert _linears(mlp(5, 2)) == [(5, 256), (256, 256), (256, 256), (256, 2)]
+    assert not any(isinstance(m, torch.nn.Dropout) for m in mlp(5, 2).modules())
+    assert _linears(mlp(5, 2, layers=0)) == [(5, 2)]
+    q = DoubleQ(5, 2)
+    assert len(q.heads) == 2 and _linears(q.heads[0]) == [(7, 256), (256, 256), (256, 256), (256, 1)]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in q.modules()) == 6
+    assert not any(isinstance(m, torch.nn.Dropout) for m in q.modules())
+    drop = [m.p for m in DoubleQ(5, 2, hidden=8, layers=2, dropout=0.1).modules() if isinstance(m, torch.nn.Dropout)]
+    assert drop == [0.1] * 4
+    actor = ResidualActor(5, 2)
+    assert (actor.obs_dim, actor.act_dim) == (5, 2)
+    assert _linears(actor.trunk) == [(7, 256), (256, 256), (256, 256)]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in actor.modules()) == 3
+    flat = ResidualActor(5, 2, hidden=8, layers=0)
+    assert _linears(flat)[0][0] == 7 and all(i == 7 for i, _ in _linears(flat))
+
+
+def test_tanh_log_prob_stays_finite_when_the_squash_saturates():
+    """At |tanh(u)| == 1 in float32 the Jacobian term is log(1 - 1 + eps): the eps must be added (mutant: subtracted -> NaN)."""
+    actor = ResidualActor(3, 2, hidden=8, layers=1)
+    with torch.no_grad():
+        actor.mean_head.bias.fill_(50.0)
+    delta, logp, _ = actor.sample(torch.zeros(4, 3), torch.zeros(4, 2))
+    assert torch.all(delta == 1.0) and torch.isfinite(logp).all()
+
+
+def test_sac_builds_its_networks_and_optimizers_from_the_config():
+    """Actor depth, critic dropout, frozen target, AdamW lr/weight decay per optimizer (temperature: none), and
+    the base action zeroed when the config has no base (mutants dropping these arguments or flags)."""
+    sac = small_sac(layers=1, critic_dropout=0.2, lr=2e-3, weight_decay=0.05)  # AdamW default lr: 1e-3
+    assert _linears(sac.actor.trunk) == [(4 + 3, 32)]
+    assert [m.p for m in sac.critic.modules() if isinstance(m, torch.nn.Dropout)] == [0.2] * sac.cfg.n_q
+    assert not any(p.requires_grad for p in sac.critic_target.parameters())
+    for opt, wd in ((sac.actor_optim, 0.05), (sac.critic_optim, 0.05), (sac.alpha_optim, 0.0)):
+        assert opt.param_groups[0]["lr"] == 2e-3 and opt.param_groups[0]["weight_decay"] == wd
+    a_b = torch.ones(2, 3)
+    assert torch.equal(small_sac(use_base=False).base(a_b), torch.zeros(2, 3))
+    assert torch.equal(small_sac().base(a_b), a_b)
+
+
+def test_gripper_gain_only_where_there_is_a_gripper_and_a_positive_xi():
+    """``xi_gripper`` scales dim 6 by xi_gripper / xi; with no dim 6 (6-D actions) or xi = 0 the gain is 1
+    (mutants: ``>=`` on the action size, the xi > 0 guard, the fallback gain)."""
+    assert small_sac(act_dim=7, xi=0.5, xi_gripper=1.0).gripper_gain == 2.0
+    six = small_sac(act_dim=6, xi=0.5, xi_gripper=1.0)
+    assert six.gripper_gain == 1.0 and torch.equal(six._gain, torch.ones(6))
+    assert small_sac(act_dim=7, xi=0.0, xi_gripper=1.0).gripper_gain == 1.0
+
+
+def test_calql_pretrain_schedule_metrics_and_refusal():
+    """One-transition buffers train; an empty one is refused with the fix; the actor updates on every
+    ``critic_actor_ratio``-th step only; each step's metrics carry the step and reach the callback; the
+    buffer is sampled with the config's n-step (mutants of each of these)."""
+    empty = ReplayBuffer(10, 4, 3)
+    with pytest.raises(PLDError, match=r"^calql_pretrain: the offline buffer has no transitions; collect base successes first\.$"):
+        calql_pretrain(small_sac(), empty, 2, CalQLConfig(n_actions=2), np.random.default_rng(0))
+    one = ReplayBuffer(10, 4, 3)
+    one.add_episode(np.zeros((2, 4)), np.zeros((2, 3)), np.zeros((1, 3)), np.ones(1), np.ones(1))
+    assert len(one) == 1
+    assert len(calql_pretrain(small_sac(), one, 1, CalQLConfig(n_actions=2), np.random.default_rng(0))) == 1
+    buf = ReplayBuffer(100, 4, 3)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        buf.add_episode(rng.normal(size=(11, 4)), rng.uniform(-1, 1, (11, 3)), rng.uniform(-1, 1, (10, 3)),
+                        np.r_[np.zeros(9), 1.0], np.r_[np.zeros(9), 1.0])
+    n_steps, seen = [], []
+    orig = buf.sample
+    buf.sample = lambda B, g, n_step=1: (n_steps.append(n_step), orig(B, g, n_step))[1]
+    hist = calql_pretrain(small_sac(critic_actor_ratio=3, n_step=2), buf, 7, CalQLConfig(n_actions=2),
+                          np.random.default_rng(0), callback=lambda s, m: seen.append((s, m)))
+    assert n_steps == [2] * 7
+    assert [h["step"] for h in hist] == [float(s) for s in range(7)]
+    assert [i for i, h in enumerate(hist) if "actor_loss" in h] == [2, 5]
+    assert [s for s, _ in seen] == list(range(7)) and all(m is h for (_, m), h in zip(seen, hist))
+
+
+def test_replay_construction_defaults_dtypes_and_refusals():
+    """gamma 0.99 by default; capacity 2 is the least; float32 columns; mc_return NaN until an episode closes;
+    add_step before start_episode and bad state dicts raise with their messages (mutants of each)."""
+    buf = ReplayBuffer(2, 3, 2)
+    assert buf.gamma == 0.99
+    assert all(getattr(buf, k).dtype == np.float32 for k in ("obs", "base_action", "action", "reward", "done", "mc_return"))
+    assert np.isnan(buf.mc_return).all()
+    with pytest.raises(PLDError, match=r"^ReplayBuffer capacity must be >= 2, got 1; raise it\.$"):
+        ReplayBuffer(1, 3, 2)
+    with pytest.raises(RuntimeError, match=r"^ReplayBuffer\.add_step called with no open episode; call start_episode first\.$"):
+        buf.add_step(np.zeros(2), 0.0, 0.0, np.zeros(3), np.zeros(2))
+    state = buf.state_dict()
+    del state["valid"]
+    with pytest.raises(PLDError, match=r"^replay state is missing keys \['valid'\]; the buffer file is corrupt"):
+        buf.load_state_dict(state)
+    state = buf.state_dict()
+    state["obs"] = np.zeros((2, 4), np.float32)
+    with pytest.raises(PLDError, match=r"^replay state key 'obs' has shape \(2, 4\), expected \(2, 3\)\.$"):
+        buf.load_state_dict(state)
+
+
+def test_online_rows_overwrite_old_transition_fields_and_returns_cover_what_survives():
+    """A closing row written over an old transition row is cleared (action, reward, done 0; mc_return NaN); a
+    one-step episode cut without ``done`` gets its return; an episode longer than the ring fills the returns
+    of exactly the transitions that survive (the reward-to-go of the last ``capacity - 1`` rewards)."""
+    buf = ReplayBuffer(4, 1, 1, gamma=0.5)
+    buf.add_episode(np.ones((4, 1)), np.ones((4, 1)), np.ones((3, 1)), np.ones(3), np.ones(3))
+    buf.start_episode(np.zeros(1), np.zeros(1))
+    buf.add_step(np.full(1, 0.3), 2.0, 0.0, np.zeros(1), np.zeros(1))
+    buf.end_episode()
+    assert buf.mc_return[0] == 2.0 and buf.action[0, 0] == np.float32(0.3)
+    assert (buf.action[1, 0], buf.reward[1], buf.done[1]) == (0.0, 0.0, 0.0) and np.isnan(buf.mc_return[1])
+    long = ReplayBuffer(5, 1, 1, gamma=0.5)
+    long.start_episode(np.zeros(1), np.zeros(1))
+    rewards = np.arange(1, 11, dtype=np.float32)
+    for r in rewards:
+        long.add_step(np.zeros(1), float(r), 0.0, np.zeros(1), np.zeros(1))
+    long.end_episode()
+    closing = (long.ptr - 1) % 5
+    rows = [(closing - 4 + i) % 5 for i in range(4)]
+    assert np.isnan(long.mc_return[closing])
+    assert np.allclose(long.mc_return[rows], mc_returns(rewards[-4:], 0.5))
+
+
+def test_sample_mixed_defaults_to_one_step_returns():
+    rng = np.random.default_rng(0)
+    bufs = []
+    for _ in range(2):
+        b = ReplayBuffer(50, 2, 1, gamma=0.5)
+        b.add_episode(np.zeros((11, 2)), np.zeros((11, 1)), np.zeros((10, 1)), np.ones(10), np.r_[np.zeros(9), 1.0])
+        bufs.append(b)
+    batch = sample_mixed(bufs[0], bufs[1], 8, rng, 0.5)
+    assert torch.all(batch["reward"] == 1.0)  # n-step 2 would give 1 + 0.5 on all but the last transition
