@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = ROOT / "bench" / "mutation-equivalent.json"
 # mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
 CORE = ["pld_core.sac.*", "pld_core.calql.*", "pld_core.networks.*", "pld_core.replay.*",
-        "pld_core.specialist.xǁSpecialistTrainerǁ_episode__mutmut_*", "tasks.collect_pld.x_hybrid_episode__mutmut_*"]
+        "pld_core.trainer.xǁSpecialistTrainerǁ_episode__mutmut_*", "tasks.collect_pld.x_hybrid_episode__mutmut_*"]
 
 
 def _mutmut(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:

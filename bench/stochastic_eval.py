@@ -25,7 +25,9 @@ from safetensors.torch import load_file
 
 from pld_core.env import LiberoEnv
 from pld_core.sac import ResidualSAC, SACConfig
-from pld_core.specialist import RESIDUAL_WEIGHTS, StateEncoder, eval_outcomes, load_residual, save_residual
+from pld_core.encoders import StateEncoder
+from pld_core.residual_policy import load_residual, RESIDUAL_WEIGHTS, save_residual
+from pld_core.trainer import eval_outcomes
 from pld_core.stats import success_summary
 
 

@@ -21,11 +21,13 @@ from prefect.cache_policies import NONE as NO_CACHE
 from pld_core import lineage
 from pld_core.config import Params
 from pld_core.errors import PLDError
-from tasks.common import Layout, base_checkpoint, no_data_reason
-from tasks.registry import PER_TASK, call_stage
+from pld_core.layout import BOOTSTRAP, PER_ITERATION, PER_TASK, Layout, base_ref
+from pld_core.stage import no_data_reason
+from flows.stages import call_stage
 
 
-def _mlflow_setup(params: Params, root: Path):
+def mlflow_setup(params: Params, root: Path):
+    """The MLflow client of ``params.mlflow`` (tracking store, experiment, artifact dir under ``root``)."""
     m = params.mlflow
     return lineage.setup(m.tracking_uri, m.experiment, m.artifact_dir, root=root)
 
@@ -34,7 +36,7 @@ def run_stage_logged(name: str, params: Params, root: str, k: int = 0, task_inde
                      parent_run_id: str | None = None) -> dict:
     """One stage inside a nested MLflow run (usable from any worker: threads, Dask or Ray processes)."""
     os.chdir(root)  # Dask/Ray workers may start elsewhere
-    _mlflow_setup(params, Path(root))
+    mlflow_setup(params, Path(root))
     import mlflow
 
     label = name if task_index is None else f"{name}[{params.env.suite}-{task_index}]"
@@ -135,7 +137,7 @@ def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None
     if without:
         print(f"iteration {k}: no PLD data from " + "; ".join(f"{params.env.suite} task {t} ({r})" for t, r in without.items()))
     out = {"specialist_runs": specialists, "specialists": per_task, "tasks_without_data": without}
-    for name in ("convert_dataset", "augment_quantiles", "sft", "evaluate"):
+    for name in PER_ITERATION:
         out[name] = _result(stage.submit(name, params, root, k, None, parent_run_id))
     return out
 
@@ -144,7 +146,7 @@ def _iteration_body(params: Params, root: str, k: int, parent_run_id: str | None
 def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
     """Base vK -> base vK+1, registered in MLflow with its lineage."""
     root = root or os.getcwd()
-    client = _mlflow_setup(params, Path(root))
+    client = mlflow_setup(params, Path(root))
     import mlflow
 
     with mlflow.start_run(run_name=f"iteration-{k}", tags={"pld.iteration": str(k), "pld.profile": params.profile}) as parent:
@@ -157,7 +159,7 @@ def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
         mlflow.set_tags({"pld.tasks_without_data": json.dumps(without)[:5000]})
         mlflow.log_dict({"tasks": {f"{params.env.suite}/{t}": m for t, m in out["specialists"].items()}}, "iteration_tasks.json")
         version = lineage.register_base(
-            client, params.mlflow.model_name, k + 1, Path(base_checkpoint(params, layout, k + 1)), parent.info.run_id, parent=k,
+            client, params.mlflow.model_name, k + 1, Path(base_ref(params, layout, k + 1).spec), parent.info.run_id, parent=k,
             dataset_digest=out["augment_quantiles"]["output_digest"], specialist_runs=out["specialist_runs"], success_rate=rate,
             tasks_without_data=without)
         out["registered_version"] = version
@@ -168,19 +170,19 @@ def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
 def bootstrap_flow(params: Params, root: str | None = None) -> dict:
     """Base v0: the user's checkpoint, or a LeRobot policy trained on scripted demos; evaluated and registered."""
     root = root or os.getcwd()
-    client = _mlflow_setup(params, Path(root))
+    client = mlflow_setup(params, Path(root))
     import mlflow
 
     layout = Layout.of(params, Path(root))
     with mlflow.start_run(run_name="base-v0", tags={"pld.iteration": "bootstrap", "pld.profile": params.profile}) as parent:
         out = {}
-        names = ("base_v0", "evaluate_v0") if params.base.path else ("demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0")
+        names = ("base_v0", "evaluate_v0") if params.base.path else BOOTSTRAP  # a user's base needs no demos
         for name in names:
             out[name] = _result(stage.submit(name, params, root, 0, None, parent.info.run_id))
         rate = out["evaluate_v0"]["metrics"]["success_rate"]
         mlflow.log_metric("base_success_rate", rate)
         digest = out["base_v0_dataset"]["output_digest"] if "base_v0_dataset" in out else None
-        ckpt = Path(base_checkpoint(params, layout, 0))
+        ckpt = Path(base_ref(params, layout, 0).spec)
         if not ckpt.is_dir():  # a hub id or a scripted controller: register the adopted spec (base.json)
             ckpt = layout.base(0)
         if ckpt.is_dir():

@@ -1,7 +1,7 @@
 """Overlapped acting and learning (``residual.mode: async``): a SERL-style actor and learner.
 
 The actor (this process, :class:`AsyncSpecialistTrainer`) plays exactly the episodes of the
-synchronous loop (:meth:`pld_core.specialist.SpecialistTrainer._episode`: warm-up episodes with the
+synchronous loop (:meth:`pld_core.trainer.SpecialistTrainer._episode`: warm-up episodes with the
 base alone, probing steps that are never stored, the xi schedule, periodic evaluation and
 checkpoints) with its own copy of the residual actor. The learner (a ``spawn`` process running
 :func:`learner_main`) owns the online replay and the SAC networks and optimizers:
@@ -56,7 +56,7 @@ from pld_core.features import ACT_DIM
 from pld_core.parallel import child_setup, parent_alive, spawn_context, start_process
 from pld_core.replay import ReplayBuffer, sample_mixed, to_torch
 from pld_core.sac import ResidualSAC, SACConfig
-from pld_core.specialist import SpecialistTrainer
+from pld_core.trainer import SpecialistTrainer
 
 POLL_S = 0.5
 REPLY_TIMEOUT_S = 600.0

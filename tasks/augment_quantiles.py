@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pld_core.config import Params
 from pld_core.dataset import augment_quantiles, push_to_hub
-from tasks.common import input_digests, run_stage
+from pld_core.stage import input_digests, run_stage
 
 
 def run(params: Params, out_dir: Path, raw_dir: Path, repo_id: str = "local/pld", force: bool = False) -> dict:

@@ -21,12 +21,13 @@ from rich.progress import Progress
 from pld_core.config import Params
 from pld_core.demos import open_or_create
 from pld_core.env import EnvSpec, LiberoEnv
+from pld_core.layout import PLD_STORE, BaseRef
 from pld_core.policies import make_policy_factory, served_base
 from pld_core.parallel import EpisodePool
 from pld_core.rollout import EpisodeRecorder
-from pld_core.specialist import load_residual
+from pld_core.residual_policy import load_residual
 from pld_core.stats import success_summary
-from tasks.common import input_digests, record_no_data, run_stage
+from pld_core.stage import input_digests, record_no_data, run_stage
 
 SPECIALIST_ROLLOUTS = 4
 
@@ -69,21 +70,21 @@ def hybrid_job(env: LiberoEnv, policy, init_state: int, seed: int, t_base: int, 
     return hybrid_episode(env, policy, init_state, seed=seed, t_base=t_base, gamma=gamma)
 
 
-def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path, base_digest: str | None = None, force: bool = False,
+def run(params: Params, out_dir: Path, base: BaseRef, task: int, residual_dir: Path, force: bool = False,
         show_progress: bool = True) -> dict:
     e, c = params.env, params.collect
     used = {"env": {"suite": e.suite, "task": task, "mode": e.mode, "image_size": e.image_size, "max_objects": e.max_objects},
-            "collect": params.section_dict("collect"), "gamma": params.sac.gamma, "base": base_digest or base, "seed": params.flywheel.seed}
+            "collect": params.section_dict("collect"), "gamma": params.sac.gamma, "seed": params.flywheel.seed}
 
     def build(tmp: Path) -> dict:
         spec = EnvSpec(e.suite, task, mode=e.mode, image_size=e.image_size, max_objects=e.max_objects)
         load_residual(residual_dir, base=None, device=params.device)  # fail here, not in a worker, on a bad specialist
-        factory = HybridPolicyFactory(residual_dir, base, e.mode, params.device, params.flywheel.seed)
+        factory = HybridPolicyFactory(residual_dir, base.spec, e.mode, params.device, params.flywheel.seed)
         rng = np.random.default_rng([params.flywheel.seed, task, 17])
         t_max = int(c.alpha * spec.max_steps)
         n_init = spec.n_init_states
         gamma = params.sac.gamma
-        store = open_or_create(tmp / "pld.zarr", spec, {"source": "pld", "alpha": c.alpha, "task": task})
+        store = open_or_create(tmp / PLD_STORE, spec, {"source": "pld", "alpha": c.alpha, "task": task})
         outcomes, kept_t_base = [], []
 
         def jobs():
@@ -92,7 +93,7 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
                 t_base = int(rng.integers(0, t_max + 1))
                 yield task, (attempt % n_init, params.flywheel.seed * 100_000 + attempt, t_base, gamma)
 
-        served = served_base(params, make_policy_factory(base, mode=e.mode, device=params.device))
+        served = served_base(params, make_policy_factory(base.spec, mode=e.mode, device=params.device))
         with EpisodePool(spec, factory, params.flywheel.collect_workers, serve_base=served) as pool, \
                 Progress(transient=True, disable=not show_progress) as progress:
             bar = progress.add_task(f"collect_pld {e.suite}/{task}", total=c.episodes_per_task)
@@ -123,4 +124,4 @@ def run(params: Params, out_dir: Path, base: str, task: int, residual_dir: Path,
     recorded = record_no_data("collect_pld", out_dir, used, ("residual", residual_dir, "specialist (stage train_residual)"), force=force)
     if recorded:
         return recorded
-    return run_stage("collect_pld", out_dir, used, input_digests(residual=residual_dir), build, force=force)
+    return run_stage("collect_pld", out_dir, used, {**input_digests(residual=residual_dir), "base": base.digest}, build, force=force)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pld_core.config import Params
 from pld_core.dataset import convert_stores
-from tasks.common import input_digests, run_stage
+from pld_core.layout import PLD_STORE
+from pld_core.stage import input_digests, run_stage
 
 
 def run(params: Params, out_dir: Path, pld_dirs: list[Path], extra_dirs: list[Path] | None = None, repo_id: str = "local/pld", force: bool = False) -> dict:
@@ -17,7 +18,7 @@ def run(params: Params, out_dir: Path, pld_dirs: list[Path], extra_dirs: list[Pa
     used = {"env_mode": params.env.mode, "repo_id": repo_id}
 
     def build(tmp: Path) -> dict:
-        stores = [Path(d) / "pld.zarr" for d in pld_dirs] + [next(Path(d).glob("*.zarr")) for d in extra_dirs]
+        stores = [Path(d) / PLD_STORE for d in pld_dirs] + [next(Path(d).glob("*.zarr")) for d in extra_dirs]
         root = tmp / "dataset"
         convert_stores(stores, root, repo_id=repo_id, use_images=params.env.mode == "images", label_key="label_action")
         import json

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pld_core.config import Params
 from pld_core.demos import record_demos
-from tasks.common import run_stage
+from pld_core.stage import run_stage
 
 
 def run(params: Params, out_dir: Path, force: bool = False) -> dict:

@@ -23,43 +23,26 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from pld_core.artifacts import atomic_dir, digest_json, finish_manifest, is_fresh, read_manifest, require_manifest
 from pld_core.calql import CalQLConfig, calql_pretrain
 from pld_core.config import Params
-from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM
+from pld_core.encoders import encoder_weights_identity
+from pld_core.layout import open_offline
 from pld_core.sac import ResidualSAC
-from pld_core.image_encoder import encoder_weights_identity
-from pld_core.specialist import check_encoder, make_encoder, offline_buffer_from_store, set_torch_threads
-from pld_core.store import TrajectoryStore
-from tasks.collect_offline import STORE_NAME
-from tasks.common import record_no_data
+from pld_core.encoders import check_encoder, make_encoder
+from pld_core.trainer import offline_buffer_from_store, set_torch_threads
+from pld_core.stage import input_digests, record_no_data, run_stage
 
 STAGE = "pretrain_critic"
 WEIGHTS = "critic.safetensors"
 CONFIG = "config.json"
 
 
-def stage_key(params: Params, offline_manifest: dict) -> str:
-    return digest_json({
-        "stage": STAGE, "calql": params.section_dict("calql"), "sac": params.section_dict("sac"),
-        "encoder": params.residual.encoder, "seed": params.residual.seed,
-        **({"image_encoder_weights": encoder_weights_identity(params)} if params.residual.encoder == "image" else {}),
-        "offline": offline_manifest["output_digest"],
-    })
-
-
-def open_offline(offline_dir: Path, params: Params) -> tuple[dict, TrajectoryStore]:
-    """The offline stage's manifest and store, checked against ``params.env.suite``."""
-    offline_dir = Path(offline_dir)
-    manifest = require_manifest(offline_dir, "offline store (stage collect_offline)")
-    store = TrajectoryStore.open(offline_dir / STORE_NAME)
-    if store.attrs["suite"] != params.env.suite:
-        raise PLDError(f"{offline_dir / STORE_NAME}: suite '{store.attrs['suite']}' but env.suite is '{params.env.suite}'. "
-                       "Fix: rerun collect_offline for this suite or set env.suite")
-    if store.n_episodes == 0:
-        raise PLDError(f"{offline_dir / STORE_NAME}: no episodes. Fix: rerun collect_offline with a larger offline.max_episodes")
-    return manifest, store
+def stage_params(params: Params) -> dict:
+    """The params the stage reads (its key, with the offline store's digest)."""
+    return {"calql": params.section_dict("calql"), "sac": params.section_dict("sac"), "encoder": params.residual.encoder,
+            "seed": params.residual.seed,
+            **({"image_encoder_weights": encoder_weights_identity(params)} if params.residual.encoder == "image" else {})}
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
@@ -86,21 +69,18 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
     """Cal-QL pretraining on ``offline_dir``'s store; returns the manifest of ``out_dir``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from pld_core.specialist import mlflow_log
+    from pld_core.trainer import mlflow_log
 
-    out_dir = Path(out_dir)
     check_encoder(params.residual.encoder, params.env.mode)
-    recorded = record_no_data(STAGE, out_dir, {"calql": params.section_dict("calql")},
-                              ("offline", offline_dir, "offline store (stage collect_offline)"), force=force)
+    used = stage_params(params)
+    recorded = record_no_data(STAGE, out_dir, used, ("offline", offline_dir, "offline store (stage collect_offline)"), force=force)
     if recorded:
         return recorded
-    offline_manifest, store = open_offline(offline_dir, params)
-    key = stage_key(params, offline_manifest)
-    if not force and is_fresh(out_dir, key):
-        return read_manifest(out_dir)
-    set_torch_threads(params.residual.torch_threads)
-    t0 = time.time()
-    with atomic_dir(out_dir) as work:
+    _, store = open_offline(offline_dir, params)
+
+    def build(work: Path) -> dict:
+        set_torch_threads(params.residual.torch_threads)
+        t0 = time.time()
         encoder = make_encoder(params, store)
         offline = offline_buffer_from_store(store, encoder, params.sac.gamma)
         torch.manual_seed(params.residual.seed)
@@ -132,15 +112,11 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
         (work / "loss.json").write_text(json.dumps(logged))
         _plot_loss(logged, work / "loss.png")
         last = history[-1] if history else {}
-        metrics = {
+        return {
             "steps": cq.steps, "offline_transitions": len(offline),
             "final_calql_loss": last.get("calql_loss"), "final_td_loss": last.get("critic_td_loss"),
             "final_q_data": last.get("q_data"), "seconds": round(time.time() - t0, 1),
             "seconds_per_step": round((time.time() - t0) / max(cq.steps, 1), 4),
         }
-        return finish_manifest(
-            work, STAGE, key,
-            params={"calql": params.section_dict("calql"), "sac": params.section_dict("sac"), "encoder": params.residual.encoder},
-            inputs={"offline": {"dir": str(offline_dir), "output_digest": offline_manifest["output_digest"]}},
-            metrics=metrics, compute_seconds=time.time() - t0,
-        )
+
+    return run_stage(STAGE, out_dir, used, input_digests(offline=offline_dir), build, force=force)

@@ -1,6 +1,6 @@
 """The bad-input catalogue.
 
-Every case runs the real CLI (``pld_core.cli.main([...])`` in process, or ``python -m pld_core.cli``
+Every case runs the real CLI (``pld_app.cli.main([...])`` in process, or ``python -m pld_app.cli``
 in a child process where a second process or a mount namespace is the point) and checks
 
 (a) exit code 2;
@@ -105,7 +105,7 @@ import pytest
 import yaml
 import zarr
 
-from pld_core.cli import main as pld_main
+from pld_app.cli import main as pld_main
 from pld_core.store import TrajectoryStore
 
 from builders import make_episode, make_state_act
@@ -131,7 +131,7 @@ def pld(capsys, *args) -> tuple[int, str]:
 def cli(*args, cwd=ROOT, timeout=300):
     """Run the CLI in a child process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "pld_core.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pld_app.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
 
@@ -552,7 +552,7 @@ import json, shutil, subprocess, sys
 from pathlib import Path
 fs, size, snapshot = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(fs)], check=True)
-r = subprocess.run([sys.executable, "-m", "pld_core.cli", "demo", "--tasks", "0", "--episodes", "1",
+r = subprocess.run([sys.executable, "-m", "pld_app.cli", "demo", "--tasks", "0", "--episodes", "1",
                     "--out", str(fs / "demos.zarr")], capture_output=True, text=True)
 shutil.copytree(fs, snapshot, symlinks=True)  # what the command left, for the test to inspect
 print(json.dumps({"rc": r.returncode, "stderr": r.stderr}))

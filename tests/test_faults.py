@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pld_core.artifacts import atomic_dir, finish_manifest
-from pld_core.faults import _output_state, compare
+from bench.faults import _output_state, compare
 from pld_core.store import TrajectoryStore
 
 from builders import make_episode
@@ -50,7 +50,7 @@ def test_compare_detects_different_contents_and_keys(tmp_path):
 def test_bench_faults_kills_and_recovers_a_real_stage(tmp_path):
     """SIGKILL `pld stage collect_offline` (smoke profile) twice at random moments; both trials survive."""
     out = tmp_path / "faults.json"
-    r = subprocess.run([sys.executable, "-m", "pld_core.cli", "bench", "faults", "--trials", "2", "--stages", "collect_offline",
+    r = subprocess.run([sys.executable, "-m", "pld_app.cli", "bench", "faults", "--trials", "2", "--stages", "collect_offline",
                         "--root", str(tmp_path / "f"), "--out", str(out), "--seed", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -24,7 +24,7 @@ def _env():
 
 
 def pld(*args, cwd=ROOT, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "pld_core.cli", *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "pld_app.cli", *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout)
 
 
 def smoke_overrides(tmp: Path, runner: str = "dask") -> list[str]:
@@ -70,7 +70,7 @@ def test_smoke_flywheel_through_prefect_and_dask(smoke_run):
     assert (data / "iter_0/base_next/pretrained_model/model.safetensors").exists()
     assert (data / "figures" / "success_over_versions.png").exists()
     # every stage times its own work (what `pld bench overhead` sets against the wall time)
-    from pld_core.perfbench import _manifests
+    from bench.perf import _manifests
 
     ms = _manifests(data)
     assert len(ms) == len(stages) and all(m["compute_seconds"] is not None and m["compute_seconds"] >= 0 for m in ms), ms

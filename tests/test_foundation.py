@@ -24,7 +24,7 @@ from pld_core.store import TrajectoryStore
 from builders import make_episode
 
 ROOT = Path(__file__).resolve().parent.parent
-PLD = [sys.executable, "-m", "pld_core.cli"]
+PLD = [sys.executable, "-m", "pld_app.cli"]
 
 
 def run_cli(*args, timeout=600):
@@ -271,7 +271,7 @@ def test_a_stage_rebuilds_when_a_param_or_an_input_it_reads_changes_and_only_the
     digest, rebuilds (a new manifest key, the new output in place); forcing rebuilds too. Regressions seen red:
     the key leaving out the params, or the inputs."""
     from pld_core.artifacts import read_manifest
-    from tasks.common import run_stage
+    from pld_core.stage import run_stage
 
     builds = []
 
@@ -298,11 +298,13 @@ def test_collect_offline_key_follows_what_the_stage_reads_for_its_task():
     """collect_offline's key changes with its own section, gamma and the base, and not with the other tasks in
     env.tasks (adding a task to the list rebuilds nothing of the tasks already there)."""
     from pld_core.config import validate_params
-    from tasks.collect_offline import stage_key
+    from pld_core.layout import BaseRef
+    from pld_core.stage import stage_key
+    from tasks.collect_offline import STAGE, stage_inputs
 
     def key(base="scripted:noise=0.3", **sections):
         raw = {"env": {"tasks": [0, 1]}, **sections}
-        return stage_key(validate_params(raw), base, 0)
+        return stage_key(STAGE, *stage_inputs(validate_params(raw), BaseRef.of(base), 0))
 
     k = key()
     assert key(env={"tasks": [0, 1, 2]}) == k

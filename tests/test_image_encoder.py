@@ -17,9 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from pld_core.config import validate_params
 from pld_core.errors import PLDError
-from pld_core.image_encoder import LATENT_DIM, ImageEncoder, build_backbone, embed, encoder_weights_identity, replay_bytes
-from pld_core.specialist import RESIDUAL_WEIGHTS, load_residual, make_encoder, offline_buffer_from_store
+from pld_core.encoders import build_backbone, embed, encoder_weights_identity, ImageEncoder, LATENT_DIM, replay_bytes
+from pld_core.encoders import make_encoder
+from pld_core.residual_policy import load_residual, RESIDUAL_WEIGHTS
+from pld_core.trainer import offline_buffer_from_store
 from pld_core.store import TrajectoryStore
+from pld_core.layout import OFFLINE_STORE, BaseRef
 from tasks import collect_offline, pretrain_critic, train_residual
 
 BASE = "scripted:noise=0.3"
@@ -43,15 +46,15 @@ def params_for(**residual):
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("img")
     params = params_for()
-    off = collect_offline.run(params, root / "offline", BASE, TASK, show_progress=False)
+    off = collect_offline.run(params, root / "offline", BaseRef.of(BASE), TASK, show_progress=False)
     crit = pretrain_critic.run(params, root / "critic", root / "offline", show_progress=False)
-    res = train_residual.run(params, root / "residual", BASE, root / "offline", root / "critic", show_progress=False)
+    res = train_residual.run(params, root / "residual", BaseRef.of(BASE), root / "offline", root / "critic", show_progress=False)
     return {"root": root, "params": params, "offline": off, "critic": crit, "residual": res}
 
 
 def test_replay_rows_are_latents_not_pixels(run):
     root = run["root"]
-    store = TrajectoryStore.open(root / "offline" / collect_offline.STORE_NAME)
+    store = TrajectoryStore.open(root / "offline" / OFFLINE_STORE)
     assert "obs_image" in store.step_array_names  # pixels stay in the store (distillation needs them) ...
     encoder = make_encoder(run["params"], store)
     buf = offline_buffer_from_store(store, encoder, 0.99)
@@ -66,7 +69,7 @@ def test_replay_rows_are_latents_not_pixels(run):
 
 
 def test_store_path_and_step_path_encode_alike(run):
-    store = TrajectoryStore.open(run["root"] / "offline" / collect_offline.STORE_NAME)
+    store = TrajectoryStore.open(run["root"] / "offline" / OFFLINE_STORE)
     encoder = make_encoder(run["params"], store)
     steps = store.load(["obs_state", "obs_image", "obs_wrist_image"], validate=False)
     rows = encoder.normalize(encoder.raw_rows(steps))
@@ -87,7 +90,7 @@ def test_trunk_stays_frozen_and_reloads(run):
     policy = load_residual(path, base=BASE)
     enc = policy.encoder
     assert isinstance(enc, ImageEncoder) and not any(p.requires_grad for p in enc.backbone.parameters())
-    store = TrajectoryStore.open(run["root"] / "offline" / collect_offline.STORE_NAME)
+    store = TrajectoryStore.open(run["root"] / "offline" / OFFLINE_STORE)
     steps = store.load(["obs_state", "obs_image", "obs_wrist_image"], validate=False)
     obs = {"state": steps["obs_state"][3], "image": steps["obs_image"][3], "wrist_image": steps["obs_wrist_image"][3]}
     np.testing.assert_allclose(enc(obs), make_encoder(run["params"], store)(obs), atol=1e-6)

@@ -22,7 +22,8 @@ import torch
 
 from pld_core.config import validate_params
 from pld_core.replay import ReplayBuffer
-from pld_core.specialist import SpecialistTrainer, StateEncoder, xi_schedule
+from pld_core.encoders import StateEncoder
+from pld_core.trainer import SpecialistTrainer, xi_schedule
 from pld_core.store import mc_returns
 from tasks.collect_pld import hybrid_episode
 

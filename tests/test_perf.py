@@ -27,9 +27,11 @@ import torch
 from pld_core.config import validate_params
 from pld_core.env import EnvSpec, LiberoEnv, env_state_dim
 from pld_core.parallel import EpisodePool, record_episode
-from pld_core.perfbench import _synthetic_buffer
+from bench.perf import _synthetic_buffer
 from pld_core.policies import make_policy_factory
-from pld_core.specialist import EVAL_SEED, StateEncoder, make_trainer
+from pld_core.encoders import StateEncoder
+from pld_core.specialist import make_trainer
+from pld_core.trainer import EVAL_SEED
 
 from builders import RecordingEnv, kill_at_first_checkpoint
 
@@ -185,14 +187,15 @@ def test_parallel_collection_gives_the_serial_episodes():
 
 def test_collect_offline_same_store_with_workers(tmp_path):
     from pld_core.store import TrajectoryStore
+    from pld_core.layout import OFFLINE_STORE, BaseRef
     from tasks import collect_offline
 
     stores = {}
     for workers in (1, 2):
         params = validate_params({"env": {"suite": SUITE, "tasks": [TASK]}, "offline": {"successes": 2, "max_episodes": 4},
                                   "flywheel": {"collect_workers": workers}})
-        m = collect_offline.run(params, tmp_path / f"w{workers}", BASE, TASK, show_progress=False)
-        stores[workers] = (m["metrics"], TrajectoryStore.open(tmp_path / f"w{workers}" / collect_offline.STORE_NAME))
+        m = collect_offline.run(params, tmp_path / f"w{workers}", BaseRef.of(BASE), TASK, show_progress=False)
+        stores[workers] = (m["metrics"], TrajectoryStore.open(tmp_path / f"w{workers}" / OFFLINE_STORE))
     (m1, s1), (m2, s2) = stores[1], stores[2]
     assert {k: m1[k] for k in ("episodes", "successes", "steps")} == {k: m2[k] for k in ("episodes", "successes", "steps")}
     a, b = s1.load(), s2.load()
@@ -203,7 +206,7 @@ def test_collect_offline_same_store_with_workers(tmp_path):
 
 # ----------------------------------------------------------------------------- bench commands
 def _bench(*argv) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pld_core.cli", "bench", *argv], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pld_app.cli", "bench", *argv], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -263,7 +266,7 @@ def test_cli_entry_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
     marker = tmp_path / "atexit-ran"
     code = ("import atexit, sys; from pathlib import Path; "
             f"atexit.register(lambda: Path({str(marker)!r}).write_text('yes')); "
-            "sys.argv = ['pld', 'stage', 'no-such-stage']; from pld_core.cli import entry; entry()")
+            "sys.argv = ['pld', 'stage', 'no-such-stage']; from pld_app.cli import entry; entry()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "unknown stage 'no-such-stage'" in r.stderr

@@ -27,9 +27,11 @@ from pld_core.env import LiberoEnv
 from pld_core.errors import PLDError
 from pld_core.replay import ReplayBuffer
 from pld_core.scripted import ScriptedExpert
-from pld_core.specialist import (EVAL_SEED, SpecialistTrainer, StateEncoder, load_residual, offline_buffer_from_store,
-                                 steps_to_threshold, xi_schedule)
+from pld_core.encoders import StateEncoder
+from pld_core.residual_policy import load_residual
+from pld_core.trainer import EVAL_SEED, offline_buffer_from_store, SpecialistTrainer, steps_to_threshold, xi_schedule
 from pld_core.store import TrajectoryStore, mc_returns
+from pld_core.layout import OFFLINE_STORE, BaseRef
 from tasks import collect_offline, pretrain_critic, train_residual
 
 from builders import RecordingEnv, kill_at_first_checkpoint
@@ -73,7 +75,7 @@ def probe(tmp_path_factory):
     """collect_offline (2 successes) and pretrain_critic, once for the module."""
     root = tmp_path_factory.mktemp("probe")
     params = validate_params(tiny())
-    off = collect_offline.run(params, root / "offline", BASE, TASK, show_progress=False)
+    off = collect_offline.run(params, root / "offline", BaseRef.of(BASE), TASK, show_progress=False)
     crit = pretrain_critic.run(params, root / "critic_init", root / "offline", show_progress=False)
     return {"root": root, "params": params, "offline": off, "critic": crit}
 
@@ -86,7 +88,7 @@ def env():
 
 
 def make_trainer(probe, env, params, work: Path, base=None) -> SpecialistTrainer:
-    store = TrajectoryStore.open(probe["root"] / "offline" / collect_offline.STORE_NAME)
+    store = TrajectoryStore.open(probe["root"] / "offline" / OFFLINE_STORE)
     encoder = StateEncoder.from_store(store)
     offline = offline_buffer_from_store(store, encoder, params.sac.gamma)
     base = base if base is not None else CountingBase(noise=0.3, seed=0)
@@ -98,7 +100,7 @@ def test_collect_offline_store_is_consistent(probe):
     off, root, params = probe["offline"], probe["root"], probe["params"]
     assert off["stage"] == "collect_offline" and off["metrics"]["successes"] == 2
     assert 0 < off["metrics"]["base_success_rate"] <= 1 and off["metrics"]["episodes"] >= 2
-    store = TrajectoryStore.open(root / "offline" / collect_offline.STORE_NAME)
+    store = TrajectoryStore.open(root / "offline" / OFFLINE_STORE)
     steps = store.load()  # pandera-validated
     table = store.episode_table()
     assert len(table) == 2 and table["success"].all() and store.attrs["gamma"] == params.sac.gamma
@@ -113,12 +115,13 @@ def test_collect_offline_store_is_consistent(probe):
         assert np.array_equal(ep["next_base_action"][:-1], ep["base_action"][1:])
         assert np.array_equal(ep["action"], ep["base_action"]) and np.array_equal(ep["label_action"], ep["base_action"])
     # a second run with the same params and base is skipped (same manifest)
-    again = collect_offline.run(params, root / "offline", BASE, TASK, show_progress=False)
+    again = collect_offline.run(params, root / "offline", BaseRef.of(BASE), TASK, show_progress=False)
     assert again["finished_at"] == off["finished_at"] and again["key"] == off["key"]
+    assert (off["skipped"], again["skipped"]) == (False, True)  # every stage reports it, through the one protocol
 
 
 def test_offline_buffer_has_every_stored_transition(probe):
-    store = TrajectoryStore.open(probe["root"] / "offline" / collect_offline.STORE_NAME)
+    store = TrajectoryStore.open(probe["root"] / "offline" / OFFLINE_STORE)
     encoder = StateEncoder.from_store(store)
     buf = offline_buffer_from_store(store, encoder, 0.99)
     assert len(buf) == store.n_steps  # successes end in done: no transition is dropped
@@ -314,7 +317,10 @@ def test_xi_schedule_and_curve(trained):
 
 
 def test_stage_keys_follow_the_base_content_not_its_path(tmp_path):
-    """A base directory copied elsewhere (a moved data dir, a DVC checkout) keeps the stage keys."""
+    """A base directory copied elsewhere (a moved data dir, a DVC checkout) keeps its identity, and so the keys of
+    the stages that run it; a change to its content changes both."""
+    from pld_core.stage import stage_key
+
     a = tmp_path / "a" / "pretrained_model"
     a.mkdir(parents=True)
     (a / "config.json").write_text('{"type": "act"}')
@@ -322,12 +328,20 @@ def test_stage_keys_follow_the_base_content_not_its_path(tmp_path):
     b = tmp_path / "elsewhere" / "pretrained_model"
     shutil.copytree(a, b)
     params = validate_params(tiny())
-    offline = {"output_digest": "o"}
-    assert collect_offline.stage_key(params, str(a), TASK) == collect_offline.stage_key(params, str(b), TASK)
-    assert train_residual.stage_key(params, str(a), TASK, offline, None) == train_residual.stage_key(params, str(b), TASK, offline, None)
+
+    def key(path):
+        return stage_key(collect_offline.STAGE, *collect_offline.stage_inputs(params, BaseRef.of(str(path)), TASK))
+
+    assert BaseRef.of(str(a)).digest == BaseRef.of(str(b)).digest and BaseRef.of(str(a)).spec != BaseRef.of(str(b)).spec
+    assert key(a) == key(b)
     (b / "config.json").write_text('{"type": "act", "chunk_size": 5}')
-    assert collect_offline.stage_key(params, str(a), TASK) != collect_offline.stage_key(params, str(b), TASK)
-    assert train_residual.stage_key(params, str(a), TASK, offline, None) != train_residual.stage_key(params, str(b), TASK, offline, None)
+    assert BaseRef.of(str(a)).digest != BaseRef.of(str(b)).digest and key(a) != key(b)
+    (b / "config.json").write_text('{"type": "act"}')
+    (b / "model.safetensors").write_bytes(b"x" * 101)  # weights: their size is part of the identity
+    assert key(a) != key(b)
+    # a stage's output dir is identified by its manifest, wherever it is
+    (tmp_path / "a" / "manifest.json").write_text('{"output_digest": "0123456789abcdef"}')
+    assert BaseRef.of(str(a)).digest == "0123456789abcdef"
 
 
 def test_steps_to_95_counts_only_full_evaluations():
@@ -400,9 +414,10 @@ def test_the_pretrained_critic_warm_starts_the_specialist_unless_no_calql(probe,
     init = load_file(str(root / "critic_init" / pretrain_critic.WEIGHTS))
     for ablation in ("none", "no_calql"):
         params = validate_params(tiny(ablation=ablation, env_steps=30, warmup_episodes=0, final_eval_episodes=1, mode="sync"))
-        m = stage.run(params, tmp_path / ablation, BASE, root / "offline", root / "critic_init", show_progress=False)
+        m = stage.run(params, tmp_path / ablation, BaseRef.of(BASE), root / "offline", root / "critic_init", show_progress=False)
         assert m["metrics"]["env_steps"] >= 30 and (tmp_path / ablation / "residual.safetensors").is_file()
-        assert m["inputs"]["critic"] is None if ablation == "no_calql" else m["inputs"]["critic"]["dir"] == str(root / "critic_init")
+        critic_digest = read_manifest(root / "critic_init")["output_digest"]
+        assert m["inputs"].get("critic") == (None if ablation == "no_calql" else critic_digest)
     warm, fresh = started["none"], started["no_calql"]
     assert warm.keys() == fresh.keys() and len(warm) > 4
     assert all(torch.equal(v, init[k]) for k, v in warm.items())
@@ -453,9 +468,10 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 from pld_core.config import validate_params
+from pld_core.layout import BaseRef
 from tasks import train_residual
 params = validate_params(json.loads(sys.argv[1]))
-train_residual.run(params, Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), Path(sys.argv[5]), show_progress=False)
+train_residual.run(params, Path(sys.argv[2]), BaseRef.of(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), show_progress=False)
 """
 
 
@@ -478,7 +494,7 @@ def test_train_residual_resumes_after_sigkill(probe, env, tmp_path):
     step = killed_state["env_steps"]
     assert 150 <= step < 500
 
-    manifest = train_residual.run(params, out, BASE, root / "offline", root / "critic_init", show_progress=False)
+    manifest = train_residual.run(params, out, BaseRef.of(BASE), root / "offline", root / "critic_init", show_progress=False)
     m = manifest["metrics"]
     assert m["resumed_from"] == [step], "did not resume from the checkpoint"
     assert m["env_steps"] >= 500 and m["episodes"] > killed_state["episodes"]
@@ -491,7 +507,7 @@ def test_train_residual_resumes_after_sigkill(probe, env, tmp_path):
         assert (out / name).is_file(), name
     assert not tmp_dir_for(out).exists()
     # fresh: a rerun is skipped
-    assert train_residual.run(params, out, BASE, root / "offline", root / "critic_init", show_progress=False)["finished_at"] == manifest["finished_at"]
+    assert train_residual.run(params, out, BaseRef.of(BASE), root / "offline", root / "critic_init", show_progress=False)["finished_at"] == manifest["finished_at"]
 
     # the saved specialist: base action + xi * tanh(mean) of the trained actor, clipped
     policy = load_residual(out)
@@ -509,9 +525,9 @@ def test_train_residual_resumes_after_sigkill(probe, env, tmp_path):
 def test_user_errors_name_the_fix(probe, tmp_path):
     root = probe["root"]
     with pytest.raises(PLDError, match="residual.encoder"):
-        train_residual.run(validate_params(tiny(encoder="image")), tmp_path / "r", BASE, root / "offline", root / "critic_init")
+        train_residual.run(validate_params(tiny(encoder="image")), tmp_path / "r", BaseRef.of(BASE), root / "offline", root / "critic_init")
     with pytest.raises(PLDError, match="pretrain_critic"):
-        train_residual.run(validate_params(tiny()), tmp_path / "r", BASE, root / "offline", None)
+        train_residual.run(validate_params(tiny()), tmp_path / "r", BaseRef.of(BASE), root / "offline", None)
     with pytest.raises(PLDError, match="collect_offline"):
         pretrain_critic.run(validate_params(tiny()), tmp_path / "c", tmp_path / "missing")
     with pytest.raises(PLDError, match="not a residual specialist"):
@@ -521,7 +537,7 @@ def test_user_errors_name_the_fix(probe, tmp_path):
 def test_pld_bench_specialist_prints_its_json_last_with_the_overrides(capsys, tmp_path):
     """`pld bench specialist`: the last stdout line is the benchmark JSON (steps_to_95, final_success_rate, ci95,
     env_steps) with the --set overrides it ran under; the specialist it trained carries sac.xi_gripper."""
-    from pld_core.cli import main as pld_main
+    from pld_app.cli import main as pld_main
 
     capsys.readouterr()
     code = pld_main(["bench", "specialist", "--profile", "smoke", "--task", "0", "--base", "scripted:noise=0.6",

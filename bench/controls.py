@@ -19,9 +19,8 @@ from pld_core.errors import PLDError
 
 
 def sft_control(params: Params, k: int = 0, log=print) -> dict:
+    from pld_core.layout import BaseRef, Layout, base_ref, output_dir
     from tasks import evaluate, sft
-    from tasks.common import Layout, base_checkpoint, base_digest
-    from tasks.registry import output_dir
 
     if params.base.path:
         raise PLDError("bench sft-control compares against the demonstrations base v0 was trained on; this profile adopts "
@@ -34,9 +33,9 @@ def sft_control(params: Params, k: int = 0, log=print) -> dict:
     demos = output_dir("base_v0_dataset", layout, params)
     root = layout.root / "controls" / f"iter_{k}"
     log(f"sft-control: SFT of base v{k} on {demos} only ({params.sft.steps} steps), then evaluate")
-    m = sft.run(params, root / "sft_demos_only", demos, init=base_checkpoint(params, layout, k), init_digest=base_digest(params, layout, k))
-    ctrl = root / "sft_demos_only" / "pretrained_model"
-    evaluate.run(params, root / "eval_demos_only", str(ctrl), m["output_digest"], label=f"v{k + 1} demos only")
+    m = sft.run(params, root / "sft_demos_only", demos, init=base_ref(params, layout, k))
+    ctrl = BaseRef(str(root / "sft_demos_only" / "pretrained_model"), m["output_digest"])
+    evaluate.run(params, root / "eval_demos_only", ctrl, label=f"v{k + 1} demos only")
     reports = {"base": json.loads((layout.base_eval(k) / "eval.json").read_text()), "pld": json.loads(ev.read_text()),
                "control": json.loads((root / "eval_demos_only" / "eval.json").read_text())}
 

@@ -1,8 +1,15 @@
-"""The residual's frozen image encoder (``residual.encoder: image``, ``env.mode: images``).
+"""The residual's observation encoders: what the critic and the residual actor see.
+
+:class:`StateEncoder` (``residual.encoder: state``): the concatenation of ``state`` (8) and ``env_state`` (objects +
+task one-hot), normalised with the mean/std of the offline store, fixed for the whole run (so the replay holds
+normalised vectors and Cal-QL, SAC and the saved specialist all see the same inputs).
+
+:class:`ImageEncoder` (``residual.encoder: image``, ``env.mode: images``): ``state`` plus frozen ResNet-18 latents of
+both cameras, so the replay holds latents, never pixels.
 
 Camera frames become latents before anything is stored: the online replay and the offline buffer
 hold ``concat(state (8), latent(agentview) (512), latent(wrist) (512))`` = 1032 floats per row,
-normalised with the offline store's mean/std exactly like :class:`pld_core.specialist.StateEncoder`
+normalised with the offline store's mean/std exactly like :class:`StateEncoder`
 (privileged object poses, ``env_state``, are not an input in this mode). Pixels stay only in the
 offline Zarr store (the distillation needs them); they are encoded once when the offline buffer is
 built.
@@ -33,7 +40,91 @@ import numpy as np
 import torch
 
 from pld_core.errors import PLDError
-from pld_core.specialist import StateEncoder
+from pld_core.store import TrajectoryStore
+
+
+class StateEncoder:
+    """obs dict -> normalised vector ``(concat(state, env_state) - mean) / std``, clipped to +-10.
+
+    The statistics come from the offline store and stay fixed. Features constant in the data
+    (e.g. the task one-hot) get std 1, so they map to 0 instead of blowing up.
+    """
+
+    kind = "state"
+    keys = ("state", "env_state")
+    store_keys = ("obs_state", "obs_env_state")
+    CLIP = 10.0
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        if self.mean.shape != self.std.shape or self.mean.ndim != 1:
+            raise PLDError(f"state encoder: mean {self.mean.shape} and std {self.std.shape} must be equal 1-D shapes")
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @staticmethod
+    def fit_stats(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raw = np.asarray(raw, dtype=np.float64)
+        if raw.ndim != 2 or len(raw) == 0:
+            raise PLDError("state encoder: no observations to fit mean/std on. Fix: collect offline episodes first")
+        mean, std = raw.mean(0), raw.std(0)
+        return mean, np.where(std < 1e-6, 1.0, np.maximum(std, 1e-3))
+
+    @classmethod
+    def fit(cls, raw: np.ndarray) -> "StateEncoder":
+        return cls(*cls.fit_stats(raw))
+
+    @classmethod
+    def from_store(cls, store: TrajectoryStore) -> "StateEncoder":
+        steps = store.load(list(cls.store_keys), validate=False)
+        return cls.fit(np.concatenate([steps[k] for k in cls.store_keys], axis=1))
+
+    def raw_rows(self, steps: dict[str, np.ndarray]) -> np.ndarray:
+        """Un-normalised rows from store arrays (``store_keys``), as :meth:`raw` gives one observation."""
+        return np.concatenate([steps[k] for k in self.store_keys], axis=1)
+
+    def raw(self, obs: dict) -> np.ndarray:
+        return np.concatenate([np.asarray(obs[k], dtype=np.float32).reshape(-1) for k in self.keys])
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        return np.clip((np.asarray(raw, dtype=np.float32) - self.mean) / self.std, -self.CLIP, self.CLIP).astype(np.float32)
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        return self.normalize(self.raw(obs))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"encoder.mean": torch.from_numpy(self.mean.copy()), "encoder.std": torch.from_numpy(self.std.copy())}
+
+    @classmethod
+    def from_tensors(cls, state: dict[str, torch.Tensor], where: str) -> "StateEncoder":
+        if "encoder.mean" not in state or "encoder.std" not in state:
+            raise PLDError(f"{where}: keys 'encoder.mean'/'encoder.std' missing; it was not written by train_residual. Fix: retrain the specialist")
+        return cls(state["encoder.mean"].numpy(), state["encoder.std"].numpy())
+
+
+def check_encoder(kind: str, mode: str | None = None) -> None:
+    if kind not in ("state", "image"):
+        raise PLDError(f"residual.encoder '{kind}' is unknown. Fix: state or image")
+    if kind == "image" and mode is not None and mode != "images":
+        raise PLDError(f"residual.encoder: image needs camera frames, but env.mode is '{mode}'. "
+                       "Fix: set env.mode: images, or residual.encoder: state")
+
+
+def make_encoder(params, store: TrajectoryStore) -> StateEncoder:
+    """The residual's observation encoder for ``params.residual.encoder``, fitted on the offline store."""
+    check_encoder(params.residual.encoder, params.env.mode)
+    if params.residual.encoder == "image":
+        return ImageEncoder.from_store(store, build_backbone(params.residual.image_encoder_weights))
+    return StateEncoder.from_store(store)
+
+
+def encoder_from_tensors(state: dict[str, torch.Tensor], where: str) -> StateEncoder:
+    """The encoder saved with a critic or a specialist (an image trunk when its weights are there)."""
+    return (ImageEncoder if has_backbone(state) else StateEncoder).from_tensors(state, where)
+
 
 CAMERAS = ("image", "wrist_image")
 STORE_CAMERAS = ("obs_image", "obs_wrist_image")

@@ -100,7 +100,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.bench == "specialist":
         from pld_core.config import load_params, parse_overrides
-        from tasks.train_residual import bench_specialist
+        from bench.specialist import bench_specialist
 
         params = load_params(args.params, args.profile, parse_overrides(args.set or []))
         out = Path(args.out or f"bench/results/specialist-{args.suite}-{args.task}" + ("" if args.ablation == "none" else f"-{args.ablation}"))
@@ -112,7 +112,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.bench == "faults":
         from pld_core.config import load_params, parse_overrides
-        from pld_core.faults import run_faults
+        from bench.faults import run_faults
 
         profile = args.profile or "smoke"
         params = load_params(args.params, profile, parse_overrides(args.set or []))
@@ -124,26 +124,26 @@ def cmd_bench(args) -> int:
         print(json.dumps(summary))
         return 0 if summary["lost"] == 0 else 1
     if args.bench == "sft-control":
-        from pld_core.controls import sft_control
+        from bench.controls import sft_control
 
         return _bench_result(sft_control(_params(args), k=args.iteration, log=_stderr), args.out)
     if args.bench == "overhead":
-        from pld_core import perfbench
+        from bench import perf
 
-        return _bench_result(perfbench.bench_overhead(args.params, profile=args.profile or "smoke", root=args.root, log=_stderr), args.out)
+        return _bench_result(perf.bench_overhead(args.params, profile=args.profile or "smoke", root=args.root, log=_stderr), args.out)
     if args.bench in ("loop", "replay", "collect"):
-        from pld_core import perfbench
+        from bench import perf
         from pld_core.config import load_params, parse_overrides
 
         if args.seconds is not None and args.seconds <= 0:
             raise PLDError(f"--seconds must be positive, got {args.seconds}")
         params = load_params(args.params, args.profile, parse_overrides(args.set or []))
         if args.bench == "loop":
-            result = perfbench.bench_loop(params, seconds=args.seconds or 60.0, suite=args.suite, task=args.task, base=args.base, log=_stderr)
+            result = perf.bench_loop(params, seconds=args.seconds or 60.0, suite=args.suite, task=args.task, base=args.base, log=_stderr)
         elif args.bench == "replay":
-            result = perfbench.bench_replay(params, seconds=args.seconds or 20.0, suite=args.suite)
+            result = perf.bench_replay(params, seconds=args.seconds or 20.0, suite=args.suite)
         else:
-            result = perfbench.bench_collect(params, workers=args.workers, episodes=args.episodes, suite=args.suite, task=args.task,
+            result = perf.bench_collect(params, workers=args.workers, episodes=args.episodes, suite=args.suite, task=args.task,
                                              base=args.base, batch_base=args.batch_base, log=_stderr)
         return _bench_result(result, args.out)
     raise PLDError(f"unknown benchmark '{args.bench}'")
@@ -170,7 +170,7 @@ def _params(args):
 
 
 def cmd_stage(args) -> int:
-    from tasks.registry import call_stage
+    from flows.stages import call_stage
 
     params = _params(args)
     m = call_stage(args.name, params, k=args.iteration, task=args.task, force=args.force)
@@ -184,14 +184,14 @@ def cmd_flywheel(args) -> int:
     t0 = time.time()
     with prefect_api() as api_ready:  # its start-up (a subprocess) overlaps the imports and MLflow set-up below
         params = _params(args)
-        from flows.flywheel import _mlflow_setup, flywheel
+        from flows.flywheel import flywheel, mlflow_setup
         from pld_core.locking import data_lock
-        from pld_core.report import print_lineage, write_figures
-        from tasks.common import Layout
+        from pld_app.report import print_lineage, write_figures
+        from pld_core.layout import Layout
 
         layout = Layout.of(params)
         with data_lock(layout.root):
-            _mlflow_setup(params, Path.cwd())
+            mlflow_setup(params, Path.cwd())
             api_ready()
             flywheel(params, args.iterations)
         write_figures(params)
@@ -201,7 +201,7 @@ def cmd_flywheel(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    from pld_core.report import lineage_rows, print_lineage, write_lineage_picture
+    from pld_app.report import lineage_rows, print_lineage, write_lineage_picture
 
     params = _params(args)
     if args.json:

@@ -107,7 +107,8 @@ def bench_loop(params: Params, seconds: float = 60.0, suite: str = "libero_objec
     import tempfile
 
     from pld_core.policies import make_policy_factory, validate_policy_spec
-    from pld_core.specialist import SpecialistTrainer, StateEncoder, set_torch_threads
+    from pld_core.encoders import StateEncoder
+    from pld_core.trainer import set_torch_threads, SpecialistTrainer
 
     base = base or DEFAULT_BASE
     validate_policy_spec(base)
@@ -161,7 +162,7 @@ def bench_loop(params: Params, seconds: float = 60.0, suite: str = "libero_objec
 def bench_replay(params: Params, seconds: float = 20.0, suite: str = "libero_object") -> dict:
     """Sampled transitions/s from 50/50 offline/online buffers vs transitions/s the learner consumes."""
     from pld_core.sac import ResidualSAC
-    from pld_core.specialist import set_torch_threads
+    from pld_core.trainer import set_torch_threads
 
     t_start = time.time()
     set_torch_threads(params.residual.torch_threads)
@@ -333,12 +334,12 @@ def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smok
     root.mkdir(parents=True)
     data = root / "data"
     sets = [f"flywheel.data_dir={data}", f"mlflow.tracking_uri=sqlite:///{data}/mlflow.db", f"mlflow.artifact_dir={data}/mlartifacts"]
-    cmd = [sys.executable, "-m", "pld_core.cli", "flywheel", "--params", str(Path(params_path).resolve()), "--profile", profile]
+    cmd = [sys.executable, "-m", "pld_app.cli", "flywheel", "--params", str(Path(params_path).resolve()), "--profile", profile]
     for s in sets:
         cmd += ["--set", s]
     # imports alone (what every `pld` process pays before any work), for the breakdown
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import flows.flywheel, pld_core.cli, tasks.registry"], cwd=project, check=True)
+    subprocess.run([sys.executable, "-c", "import flows.flywheel, flows.stages, pld_app.cli"], cwd=project, check=True)
     import_s = time.perf_counter() - t0
 
     log(f"bench overhead: pld flywheel --profile {profile} in {data} (fresh)")

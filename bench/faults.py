@@ -40,23 +40,8 @@ import numpy as np
 from pld_core.artifacts import MANIFEST, digest_path, read_manifest
 from pld_core.config import Params
 from pld_core.errors import PLDError
-from tasks.common import Layout
-from tasks.registry import PER_TASK, output_dir
+from pld_core.layout import PER_TASK, Layout, consumers, output_dir
 
-# which stage reads each stage's output (the refusal check runs it while the output is incomplete)
-CONSUMER = {
-    "demos": "base_v0_dataset_raw",
-    "base_v0_dataset_raw": "base_v0_dataset",
-    "base_v0_dataset": "base_v0",
-    "base_v0": "evaluate_v0",
-    "collect_offline": "pretrain_critic",
-    "pretrain_critic": "train_residual",
-    "train_residual": "collect_pld",
-    "collect_pld": "convert_dataset",
-    "convert_dataset": "augment_quantiles",
-    "augment_quantiles": "sft",
-    "sft": "evaluate",
-}
 
 
 @dataclass
@@ -117,7 +102,7 @@ class Harness:
 
     # ------------------------------------------------------------------ commands
     def _cmd(self, step: Step, data_dir: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "pld_core.cli", "stage", step.name, "--params", self.params_path,
+        cmd = [sys.executable, "-m", "pld_app.cli", "stage", step.name, "--params", self.params_path,
                "--set", f"flywheel.data_dir={data_dir}",
                "--set", f"mlflow.tracking_uri=sqlite:///{data_dir}/mlflow.db",
                "--set", f"mlflow.artifact_dir={data_dir}/mlartifacts"]
@@ -182,7 +167,7 @@ class Harness:
             t.problems.append(f"{out} is visible without a complete manifest/digest")
 
         # refusal: the consumer must not read an incomplete output
-        consumer = CONSUMER.get(step.name)
+        consumer = next(iter(consumers(step.name)), None)  # a stage that reads the output (the refusal check runs it)
         if t.output_state == "absent" and consumer and not (step.name == "base_v0" and self.params.base.path):
             cstep = Step(consumer, step.task if consumer in PER_TASK else None)
             r = self._run(cstep, data, timeout=600)

@@ -19,7 +19,7 @@ def _client(params: Params):
 
 
 def _layout(params: Params):
-    from tasks.common import Layout
+    from pld_core.layout import Layout
 
     return Layout.of(params)
 

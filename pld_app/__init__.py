@@ -1,0 +1,1 @@
+"""The application: the `pld` command line and its reports (lineage table, pictures)."""
