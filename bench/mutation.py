@@ -5,8 +5,8 @@
 Runs mutmut (``pip install mutmut``; configured in pyproject's ``[tool.mutmut]``: the files it instruments and
 the tests run against each mutant) in a scratch copy of the working tree, so the checkout is never touched.
 The mutants run are those named by ``CORE``: every function of the SAC, Cal-QL, network and replay modules,
-and the two loops PLD adds around them, the specialist's training episode (warm-up, base-policy probing) and
-collect_pld's hybrid episode.
+and the loops PLD adds around them: the prefixed rollout (the base alone, then base + residual), the
+specialist's training episode on it (warm-up, base-policy probing, exploration) and collect_pld's hybrid episode.
 Each mutant is one small edit (an operator, a constant, a dropped argument, a string); it is *killed*
 when a test fails on it and *survives* otherwise. Survivors listed in ``bench/mutation-equivalent.json``
 (mutant name -> why no test can tell it apart: e.g. a log-metric's name) are equivalent and leave the
@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT = ROOT / "bench" / "mutation-equivalent.json"
 # mutmut names a mutant <module>.x_<function>__mutmut_<n> or <module>.xǁ<Class>ǁ<method>__mutmut_<n>
 CORE = ["pld_core.sac.*", "pld_core.calql.*", "pld_core.networks.*", "pld_core.replay.*",
-        "pld_core.trainer.xǁSpecialistTrainerǁ_episode__mutmut_*", "tasks.collect_pld.x_hybrid_episode__mutmut_*"]
+        "pld_core.rollout.x_prefixed_steps__mutmut_*", "pld_core.trainer.xǁSpecialistTrainerǁ_episode__mutmut_*",
+        "pld_core.trainer.xǁ_Exploringǁ*", "pld_core.trainer.xǁSpecialistTrainerǁ_encode__mutmut_*",
+        "tasks.collect_pld.x_hybrid_episode__mutmut_*"]
 
 
 def _mutmut(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:

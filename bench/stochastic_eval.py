@@ -27,7 +27,8 @@ from pld_core.env import LiberoEnv
 from pld_core.sac import ResidualSAC, SACConfig
 from pld_core.encoders import StateEncoder
 from pld_core.residual_policy import load_residual, RESIDUAL_WEIGHTS, save_residual
-from pld_core.trainer import eval_outcomes
+from pld_core.rollout import prefixed_steps
+from pld_core.trainer import EVAL_SEED, eval_outcomes
 from pld_core.stats import success_summary
 
 
@@ -50,21 +51,14 @@ def from_checkpoint(bench_dir: Path, base: str, out: Path) -> str:
     return str(ckpt)
 
 
-class Prefixed:
-    """The base alone for the first ``lengths[i]`` steps of the i-th episode (counted by resets), then the specialist."""
-
-    def __init__(self, policy, lengths):
-        self.policy, self.lengths, self.episodes = policy, [int(k) for k in lengths], 0
-
-    def reset(self, env) -> None:
-        self.k, self.t = self.lengths[self.episodes], 0
-        self.episodes += 1
-        self.policy.reset(env)
-
-    def act(self, obs: dict) -> np.ndarray:
-        action, base_action = self.policy.act_with_base(obs)
-        self.t += 1
-        return base_action if self.t <= self.k else action
+def prefixed_outcomes(env, policy, lengths) -> list[bool]:
+    """The evaluation's initial states and seeds, with the base alone for the first ``lengths[k]`` steps of episode k."""
+    outcomes = []
+    for k, n in enumerate(lengths):
+        for step in prefixed_steps(env, policy, k % env.n_init_states, EVAL_SEED + k, prefix=int(n)):
+            pass
+        outcomes.append(bool(step.terminated))
+    return outcomes
 
 
 def main() -> None:
@@ -90,10 +84,12 @@ def main() -> None:
             for det in (True, False):
                 torch.manual_seed(0)
                 policy = load_residual(path, base=args.base, deterministic=det)
-                if prefix is not None:
-                    policy = Prefixed(policy, np.random.default_rng(0).integers(0, prefix + 1, size=args.n))
                 t0 = time.time()
-                s = success_summary(eval_outcomes(env, policy, args.n))  # the evaluation's states and seeds
+                if prefix is None:
+                    outcomes = eval_outcomes(env, policy, args.n)  # the evaluation's states and seeds
+                else:
+                    outcomes = prefixed_outcomes(env, policy, np.random.default_rng(0).integers(0, prefix + 1, size=args.n))
+                s = success_summary(outcomes)
                 name = ("deterministic" if det else "stochastic") + ("" if prefix is None else f"_after_base_prefix_U(0,{prefix})")
                 out[name] = {"success_rate": s["success_rate"], "ci95": s["ci95"], "episodes": args.n, "seconds": round(time.time() - t0, 1)}
                 print(name, out[name], flush=True)

@@ -54,7 +54,8 @@ from safetensors.torch import load_file, save_file
 from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM
 from pld_core.parallel import child_setup, parent_alive, spawn_context, start_process
-from pld_core.replay import ReplayBuffer, sample_mixed, to_torch
+from pld_core.learner import SAC_FILE, Learner
+from pld_core.replay import ReplayBuffer
 from pld_core.sac import ResidualSAC, SACConfig
 from pld_core.trainer import SpecialistTrainer
 
@@ -139,6 +140,7 @@ class _Learner:
             self.offline.load_state_dict(offline_state)
         self.rng = np.random.default_rng([cfg["seed"], 1])
         torch.manual_seed(cfg["seed"] + 1)
+        self.learner = Learner(self.sac, self.online, self.offline, self.rng, cfg["batch_size"], cfg["offline_fraction"])
         self.grad_steps = 0
         self.received = 0
         self.budget = 0  # updates allowed so far: updates_per_step x train steps reported by the actor
@@ -154,13 +156,7 @@ class _Learner:
         shared.publish(self.sac.actor, self.grad_steps)
 
     def _resume(self, ckpt: Path) -> None:
-        state = load_file(str(ckpt / "sac.safetensors"))
-        torch_rng = state.pop("rng.torch", None)
-        self.sac.load_state_dict(state)
-        if torch_rng is not None:
-            torch.set_rng_state(torch_rng)
-        with np.load(ckpt / "replay.npz", allow_pickle=False) as z:
-            self.online.load_state_dict({k: z[k] for k in z.files})
+        self.learner.load(ckpt)
         info = json.loads((ckpt / "learner.json").read_text())
         self.rng.bit_generator.state = info["np_rng"]
         self.grad_steps, self.received = int(info["grad_steps"]), int(info["received"])
@@ -183,11 +179,7 @@ class _Learner:
                 "first_update_env_steps": self.first_update_env_steps, "env_steps_seen": self.env_steps}
 
     def _checkpoint(self, path: Path) -> None:
-        state = self.sac.state_dict()
-        state["rng.torch"] = torch.get_rng_state()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path / "sac.safetensors"))
-        with open(path / "replay.npz", "wb") as fh:
-            np.savez(fh, **self.online.state_dict())
+        self.learner.save(path)
         (path / "learner.json").write_text(json.dumps({**self._info(), "np_rng": self.rng.bit_generator.state}))
 
     def _handle(self, msg) -> bool:
@@ -211,13 +203,8 @@ class _Learner:
 
     # ------------------------------------------------------------------ updates
     def _update(self) -> None:
-        B = self.cfg["batch_size"]
-        if self.offline is not None:
-            batch = sample_mixed(self.offline, self.online, B, self.rng, self.cfg["offline_fraction"], self.device, self.sac.cfg.n_step)
-        else:
-            batch = to_torch(self.online.sample(B, self.rng, self.sac.cfg.n_step), self.device)
         self.sac.xi = self.xi
-        metrics = self.sac.update(batch, self.grad_steps)
+        metrics = self.learner.update(self.grad_steps)
         if self.first_update_env_steps is None:
             self.first_update_env_steps = self.env_steps
         self.grad_steps += 1
@@ -236,8 +223,7 @@ class _Learner:
             self.sums, self.counts = {}, {}
 
     def _can_update(self) -> bool:
-        has_data = len(self.online) > 0 or (self.offline is not None and len(self.offline) > 0)
-        return self.grad_steps < self.budget and has_data
+        return self.grad_steps < self.budget and self.learner.has_data()
 
     def loop(self) -> None:
         while True:
@@ -430,7 +416,7 @@ class AsyncSpecialistTrainer(SpecialistTrainer):
     def _save_learner(self, tmp: Path) -> None:
         if self._proc is None:  # not started (e.g. a checkpoint before run): only the networks
             state = self.sac.state_dict()
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "sac.safetensors"))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / SAC_FILE))
             return
         self._flush()
         self._inbox.put(("checkpoint", str(tmp)))
@@ -447,7 +433,7 @@ class AsyncSpecialistTrainer(SpecialistTrainer):
     def _load_learner(self, ckpt: Path, counters: dict) -> None:
         if counters.get("mode") != "async" or not (ckpt / "learner.json").is_file():
             raise PLDError(f"{ckpt}: not an async checkpoint. Fix: delete {ckpt.parent} to start over, or set residual.mode: sync")
-        state = load_file(str(ckpt / "sac.safetensors"))
+        state = load_file(str(ckpt / SAC_FILE))
         state.pop("rng.torch", None)  # the learner's
         self.sac.load_state_dict(state)
         actor_rng = load_file(str(ckpt / "actor_rng.safetensors")).get("rng.torch")

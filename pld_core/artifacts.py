@@ -109,13 +109,25 @@ def atomic_dir(final: Path, resume: bool = False):
         if not resume:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}-{time.time_ns()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
+    replace_dir(tmp, final)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put the complete directory ``new`` at ``dest``; an old ``dest`` goes only after that (and comes back if
+    the move fails), so ``dest`` is always either the old or the new complete directory."""
+    new, dest = Path(new), Path(dest)
+    old = None
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}-{time.time_ns()}"
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None and not dest.exists():
+            os.replace(old, dest)  # put the old one back
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def finish_manifest(out_dir: Path, stage: str, key: str, params: dict, inputs: dict, metrics: dict, digest_outputs: bool = True,

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pld_core.errors import PLDError
 from pld_core.sac import SACConfig
 
+_SAC = SACConfig()  # the SAC defaults live in SACConfig; SACParams adds the bounds
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
@@ -69,28 +71,31 @@ class CalQLParams(Section):
 
 
 class SACParams(Section):
-    batch_size: int = Field(256, gt=0)
-    gamma: float = Field(0.99, gt=0, le=1)
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    tau: float = Field(0.005, gt=0, le=1)
-    critic_actor_ratio: int = Field(2, ge=1)
-    init_temperature: float = Field(1.0, gt=0)
-    target_entropy: float | None = None
-    xi: float = Field(0.5, ge=0, le=1)
-    hidden: int = Field(256, gt=0)
-    layers: int = Field(3, ge=1)
-    n_q: int = Field(2, ge=2)
-    critic_dropout: float = Field(0.0, ge=0, lt=1)
-    otf_samples: int = Field(1, ge=1)
-    reward_bias: float = 0.0
-    n_step: int = Field(1, ge=1, le=1000)  # n-step TD returns (1 = the paper's one-step target)
-    target_bounds: list[float] | None = None  # [lo, hi]: clip TD targets to the possible returns (0/1 reward: [0, 1])
-    residual_l2: float = Field(0.0, ge=0)  # pull of the deterministic residual toward 0 (0 = the paper)
-    backup_entropy: bool = True  # False: no -alpha log pi in the TD target (SERL / Cal-QL reference code)
-    residual_dims: list[int] | None = None  # action dims the residual may change (None: all 7)
-    xi_gripper: float | None = Field(None, gt=0, le=2)  # the gripper's residual scale (null: xi); see SACConfig
+    """``sac:`` in params.yaml: the fields of :class:`pld_core.sac.SACConfig`, whose defaults (the paper's) are
+    used here; this class adds only the bounds a value must respect."""
+
+    batch_size: int = Field(_SAC.batch_size, gt=0)
+    gamma: float = Field(_SAC.gamma, gt=0, le=1)
+    lr: float = Field(_SAC.lr, gt=0)
+    weight_decay: float = Field(_SAC.weight_decay, ge=0)
+    grad_clip: float = Field(_SAC.grad_clip, gt=0)
+    tau: float = Field(_SAC.tau, gt=0, le=1)
+    critic_actor_ratio: int = Field(_SAC.critic_actor_ratio, ge=1)
+    init_temperature: float = Field(_SAC.init_temperature, gt=0)
+    target_entropy: float | None = _SAC.target_entropy
+    xi: float = Field(_SAC.xi, ge=0, le=1)
+    hidden: int = Field(_SAC.hidden, gt=0)
+    layers: int = Field(_SAC.layers, ge=1)
+    n_q: int = Field(_SAC.n_q, ge=2)
+    critic_dropout: float = Field(_SAC.critic_dropout, ge=0, lt=1)
+    otf_samples: int = Field(_SAC.otf_samples, ge=1)
+    reward_bias: float = _SAC.reward_bias
+    n_step: int = Field(_SAC.n_step, ge=1, le=1000)
+    target_bounds: list[float] | None = None  # [lo, hi]; SACConfig holds it as a tuple
+    residual_l2: float = Field(_SAC.residual_l2, ge=0)
+    backup_entropy: bool = _SAC.backup_entropy
+    residual_dims: list[int] | None = None  # action dims the residual may change (None: all 7); a tuple in SACConfig
+    xi_gripper: float | None = Field(_SAC.xi_gripper, gt=0, le=2)
     UNSET_OMITTED: ClassVar[tuple[str, ...]] = ("xi_gripper",)
 
     @field_validator("residual_dims")

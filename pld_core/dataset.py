@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pld_core.artifacts import replace_dir
 from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM, ACTION_FEATURE, FPS, OBS_FEATURES, STATE_DIM
 
@@ -62,24 +63,6 @@ def _clean_stale_tmp(parent: Path, name: str) -> None:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def replace_dir(new: Path, dest: Path) -> None:
-    """Put the complete directory ``new`` at ``dest``; an old ``dest`` goes only after that."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        if old is not None and not dest.exists():
-            os.replace(old, dest)  # put the old one back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def lerobot_features(obs_shapes: dict[str, tuple[int, ...]], use_images: bool) -> dict[str, dict]:

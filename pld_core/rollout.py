@@ -6,7 +6,8 @@ expert, a LeRobot base policy (through :class:`pld_core.policies.LeRobotBase`), 
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -79,3 +80,55 @@ def run_episode(env: LiberoEnv, policy: Policy, init_state: int, seed: int = 0, 
         final = action if success else np.asarray(policy.act(obs), dtype=np.float32)
         episode = rec.finish(final, gamma, task_index=env.task, init_state=init_state, seed=seed, success=success, t_base=-1)
     return success, env.t, episode
+
+
+# ----------------------------------------------------------------------------- base, then base + residual
+class HybridPolicy(Protocol):
+    """What :func:`prefixed_steps` drives: the base and the residual on top of it (e.g.
+    :class:`pld_core.residual_policy.ResidualPolicy`)."""
+
+    def reset(self, env: LiberoEnv) -> None: ...
+
+    def base_act(self, obs: dict) -> np.ndarray: ...
+
+    def residual_action(self, obs: dict, base_action: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Step:
+    """One env step of :func:`prefixed_steps`. ``prefix``: the base acted alone (``action`` is ``base_action``);
+    ``next_base_action``: the base's action at ``next_obs`` (at a terminal state, where the TD target masks it,
+    the base is not asked and it repeats ``base_action``)."""
+
+    t: int
+    obs: dict
+    base_action: np.ndarray
+    action: np.ndarray
+    prefix: bool
+    next_obs: dict
+    reward: float
+    terminated: bool
+    truncated: bool
+    next_base_action: np.ndarray
+
+
+def prefixed_steps(env: LiberoEnv, policy: HybridPolicy, init_state: int, seed: int, prefix: int | float) -> Iterator[Step]:
+    """The base alone for the first ``prefix`` steps, then base + residual, to the end of the episode (or until
+    the caller stops iterating). The one loop behind base-policy probing (the specialist's training episodes,
+    ``prefix`` ~ U{0..probe_max}, ``inf`` in warm-up), hybrid collection (``prefix = T_base``) and the benchmarks.
+    The base is asked once per state, in order (LeRobot bases keep an action-chunk queue)."""
+    obs = env.reset(init_state, seed=seed)
+    policy.reset(env)
+    base_action = policy.base_act(obs)
+    t = 0
+    while True:
+        in_prefix = t < prefix
+        action = base_action if in_prefix else policy.residual_action(obs, base_action)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        next_base = policy.base_act(next_obs) if not terminated else base_action
+        yield Step(t, obs, base_action, action, in_prefix, next_obs, reward, terminated, truncated, next_base)
+        t += 1
+        if terminated or truncated:
+            return
+        obs, base_action = next_obs, next_base
+

@@ -67,7 +67,7 @@ import time
 from pathlib import Path
 
 from pld_core.base_policy import read_checkpoint_config, resolve_checkpoint
-from pld_core.dataset import replace_dir
+from pld_core.artifacts import replace_dir
 from pld_core.errors import PLDError
 
 log = logging.getLogger(__name__)

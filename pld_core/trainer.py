@@ -51,14 +51,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from pld_core.encoders import StateEncoder
 from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM
-from pld_core.replay import ReplayBuffer, sample_mixed, to_torch
+from pld_core.learner import Learner
+from pld_core.replay import ReplayBuffer
 from pld_core.residual_policy import ResidualPolicy, save_residual
-from pld_core.rollout import run_episode
+from pld_core.rollout import prefixed_steps, run_episode
 from pld_core.sac import ResidualSAC
 from pld_core.stats import success_summary
 from pld_core.store import TrajectoryStore
@@ -175,6 +175,26 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- trainer
+class _Exploring:
+    """The trainer's policy for :func:`pld_core.rollout.prefixed_steps`: its base, and the residual sampled with
+    exploration noise at the current xi."""
+
+    def __init__(self, trainer: "SpecialistTrainer"):
+        self.trainer = trainer
+
+    def reset(self, env) -> None:
+        if self.trainer.use_base:
+            self.trainer.base.reset(env)
+
+    def base_act(self, obs: dict) -> np.ndarray:
+        return self.trainer._base_act(obs)
+
+    def residual_action(self, obs: dict, base_action: np.ndarray) -> np.ndarray:
+        tr = self.trainer
+        tr.sac.xi = tr.current_xi()
+        return tr.sac.act(tr._encode(obs), base_action, deterministic=False).astype(np.float32)
+
+
 class SpecialistTrainer:
     """Residual SAC on one task; see the module docstring. Construct, then :meth:`run`.
 
@@ -208,6 +228,8 @@ class SpecialistTrainer:
         # the online replay lives where the updates happen: here (sync) or in the learner process (async)
         self.online = ReplayBuffer(rp.replay_capacity, encoder.dim, ACT_DIM, params.sac.gamma) if self.mode == "sync" else None
         self.rng = np.random.default_rng(rp.seed)
+        self.learner = Learner(self.sac, self.online, offline if self.use_offline else None, self.rng,
+                               params.sac.batch_size, rp.offline_fraction) if self.mode == "sync" else None
         torch.manual_seed(rp.seed)
         self.probe_max = int(rp.probe_max_fraction * env.max_steps)
         # counters (all saved in checkpoints)
@@ -360,47 +382,33 @@ class SpecialistTrainer:
 
     def _episode(self) -> dict:
         """One training episode: warm-up (base only) or probing (base only, not stored) + residual."""
-        rp, env, enc = self.rp, self.env, self.encoder
+        rp, env = self.rp, self.env
         warmup = self.episodes < rp.warmup_episodes
         init_state = int(self.rng.integers(env.n_init_states))
         seed = rp.seed * 1_000_003 + self.episodes
         n_probe = int(self.rng.integers(0, self.probe_max + 1)) if (self.use_probe and not warmup) else 0
-        obs = env.reset(init_state, seed=seed)
-        if self.use_base:
-            self.base.reset(env)
-        a_b = self._base_act(obs)
-        x = enc(obs)
+        # the base alone for the probe prefix (all of a warm-up episode), then base + residual with exploration
+        prefix = (math.inf if warmup else n_probe) if self.use_base else 0
+        self._x = None  # (observation, its encoding): encoded once, for the residual and for the replay
         t = stored = 0
-        success = opened = False
-        while True:
-            probing = t < n_probe
-            if self.use_base and (probing or warmup):
-                action = a_b  # the base acts alone
-            else:
-                self.sac.xi = self.current_xi()
-                action = self.sac.act(x, a_b, deterministic=False).astype(np.float32)
-            if not probing and not opened:
-                self._replay_start(x, a_b)
-                opened = True
-            next_obs, reward, terminated, truncated, _ = env.step(action)
+        success = False
+        for s in prefixed_steps(env, _Exploring(self), init_state, seed, prefix):
             t += 1
             self.env_steps += 1
             if not warmup:
                 self.rl_steps += 1
-            # the base action at the next state: the next step's base action, and the TD target's
-            # a_b'; at a terminal state it is masked by done, so the base is not asked
-            next_a_b = self._base_act(next_obs) if not terminated else a_b
-            next_x = enc(next_obs)
+            probing = s.t < n_probe
+            next_x = self._encode(s.next_obs)
             if not probing:  # probing steps never enter the replay
-                self._replay_step(action, reward, float(terminated), next_x, next_a_b)
+                if stored == 0:
+                    self._replay_start(self._encode(s.obs), s.base_action)
+                self._replay_step(s.action, s.reward, float(s.terminated), next_x, s.next_base_action)
                 stored += 1
                 self.stored_transitions += 1
             self._after_step(warmup)
-            obs, x, a_b = next_obs, next_x, next_a_b
+            self._x = (s.next_obs, next_x)
+            success = bool(s.terminated)
             if self.deadline is not None and time.time() >= self.deadline:
-                truncated = True
-            if terminated or truncated:
-                success = bool(terminated)
                 break
         self._replay_end()
         self.episodes += 1
@@ -416,15 +424,14 @@ class SpecialistTrainer:
             return np.zeros(ACT_DIM, dtype=np.float32)
         return np.asarray(self.base.act(obs), dtype=np.float32)
 
-    def sample_batch(self) -> dict[str, torch.Tensor]:
-        """RLPD batch: ``offline_fraction`` from the offline buffer, the rest online (no_offline: online only)."""
-        B = self.params.sac.batch_size
-        if self.use_offline:
-            return sample_mixed(self.offline, self.online, B, self.rng, self.rp.offline_fraction, self.device, self.sac.cfg.n_step)
-        return to_torch(self.online.sample(B, self.rng, self.sac.cfg.n_step), self.device)
+    def _encode(self, obs: dict) -> np.ndarray:
+        if self._x is not None and self._x[0] is obs:
+            return self._x[1]
+        self._x = (obs, self.encoder(obs))
+        return self._x[1]
 
     def _update(self) -> None:
-        metrics = self.sac.update(self.sample_batch(), self.grad_steps)
+        metrics = self.learner.update(self.grad_steps)
         self.grad_steps += 1
         for k, v in metrics.items():
             self._update_sums[k] = self._update_sums.get(k, 0.0) + v
@@ -494,21 +501,10 @@ class SpecialistTrainer:
         return final
 
     def _save_learner(self, tmp: Path) -> None:
-        """SAC networks + optimizers + torch RNG (``sac.safetensors``) and the online replay (``replay.npz``)."""
-        state = self.sac.state_dict()
-        state["rng.torch"] = torch.get_rng_state()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "sac.safetensors"))
-        with open(tmp / "replay.npz", "wb") as fh:
-            np.savez(fh, **self.online.state_dict())
+        self.learner.save(tmp)
 
     def _load_learner(self, ckpt: Path, counters: dict) -> None:
-        state = load_file(str(ckpt / "sac.safetensors"))
-        torch_rng = state.pop("rng.torch", None)
-        self.sac.load_state_dict(state)
-        if torch_rng is not None:
-            torch.set_rng_state(torch_rng)
-        with np.load(ckpt / "replay.npz", allow_pickle=False) as z:
-            self.online.load_state_dict({k: z[k] for k in z.files})
+        self.learner.load(ckpt)
 
     def latest_checkpoint(self) -> Path | None:
         root = self.checkpoint_dir

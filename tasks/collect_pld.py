@@ -24,7 +24,7 @@ from pld_core.env import EnvSpec, LiberoEnv
 from pld_core.layout import PLD_STORE, BaseRef
 from pld_core.policies import make_policy_factory, served_base
 from pld_core.parallel import EpisodePool
-from pld_core.rollout import EpisodeRecorder
+from pld_core.rollout import EpisodeRecorder, prefixed_steps
 from pld_core.residual_policy import load_residual
 from pld_core.stats import success_summary
 from pld_core.stage import input_digests, record_no_data, run_stage
@@ -33,25 +33,14 @@ SPECIALIST_ROLLOUTS = 4
 
 
 def hybrid_episode(env: LiberoEnv, policy, init_state: int, seed: int, t_base: int, gamma: float):
-    """One hybrid episode. Returns (success, Episode)."""
-    obs = env.reset(init_state, seed=seed)
-    policy.reset(env)
+    """One hybrid episode: the base for ``t_base`` steps (label: its action), then the specialist (label: the
+    executed action). Returns (success, Episode)."""
     rec = EpisodeRecorder()
-    while True:
-        base_action = policy.base_act(obs)
-        if env.t < t_base:
-            action = label = base_action  # probing: the base acts, the label is its action
-        else:
-            action = policy.residual_action(obs, base_action)
-            label = action  # takeover: the label is the executed action
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        rec.add(obs, base_action, action, label, reward, terminated)
-        obs = next_obs
-        if terminated or truncated:
-            break
-    final_base = base_action if terminated else policy.base_act(obs)
-    ep = rec.finish(final_base, gamma, task_index=env.task, init_state=init_state, seed=seed, success=bool(terminated), t_base=int(t_base))
-    return bool(terminated), ep
+    for s in prefixed_steps(env, policy, init_state, seed, prefix=t_base):
+        rec.add(s.obs, s.base_action, s.action, s.action, s.reward, s.terminated)  # in the prefix, action = base action
+    ep = rec.finish(s.next_base_action, gamma, task_index=env.task, init_state=init_state, seed=seed, success=bool(s.terminated),
+                    t_base=int(t_base))
+    return bool(s.terminated), ep
 
 
 class HybridPolicyFactory:
