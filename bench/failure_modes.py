@@ -22,7 +22,7 @@ from pld_core.features import store_key
 from pld_core.policies import make_policy_factory
 from pld_core.rollout import run_episode
 from pld_core.residual_policy import load_residual, RESIDUAL_WEIGHTS
-from pld_core.trainer import EVAL_SEED
+from pld_core.evaluation import EVAL_SEED
 
 LIFT = 0.03
 

@@ -108,7 +108,8 @@ def bench_loop(params: Params, seconds: float = 60.0, suite: str = "libero_objec
 
     from pld_core.policies import make_policy_factory, validate_policy_spec
     from pld_core.encoders import StateEncoder
-    from pld_core.trainer import set_torch_threads, SpecialistTrainer
+    from pld_core.learner import set_torch_threads
+    from pld_core.trainer import SpecialistTrainer
 
     base = base or DEFAULT_BASE
     validate_policy_spec(base)
@@ -162,7 +163,7 @@ def bench_loop(params: Params, seconds: float = 60.0, suite: str = "libero_objec
 def bench_replay(params: Params, seconds: float = 20.0, suite: str = "libero_object") -> dict:
     """Sampled transitions/s from 50/50 offline/online buffers vs transitions/s the learner consumes."""
     from pld_core.sac import ResidualSAC
-    from pld_core.trainer import set_torch_threads
+    from pld_core.learner import set_torch_threads
 
     t_start = time.time()
     set_torch_threads(params.residual.torch_threads)

@@ -28,7 +28,7 @@ from pld_core.sac import ResidualSAC, SACConfig
 from pld_core.encoders import StateEncoder
 from pld_core.residual_policy import load_residual, RESIDUAL_WEIGHTS, save_residual
 from pld_core.rollout import prefixed_steps
-from pld_core.trainer import EVAL_SEED, eval_outcomes
+from pld_core.evaluation import eval_outcomes, EVAL_SEED
 from pld_core.stats import success_summary
 
 

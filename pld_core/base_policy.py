@@ -155,6 +155,14 @@ def _check_weights(ckpt: Path, policy) -> None:
 
 
 # --------------------------------------------------------------------------------- adapter
+def require_device(device: str, who: str) -> None:
+    """One clear error when CUDA is asked for on a machine without it."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PLDError(f"{who}: device '{device}' asked, but CUDA is not available. Fix: use device='cpu' (params.yaml device)")
+
+
 class BasePolicy:
     """A frozen LeRobot policy that maps one env observation to one 7-dim action."""
 
@@ -188,14 +196,12 @@ class BasePolicy:
     @classmethod
     def load(cls, path_or_repo_id: str | Path, obs_mode: str, env_state_dim: int | None = None,
              device: str = "cpu") -> "BasePolicy":
-        import torch
         from lerobot.configs import PreTrainedConfig
         from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
         if obs_mode not in OBS_MODES:
             raise PLDError(f"obs_mode '{obs_mode}' unknown. Fix: use one of {OBS_MODES}")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise PLDError(f"device '{device}' asked for the base policy, but CUDA is not available. Fix: use device='cpu'")
+        require_device(device, "the base policy")
         ckpt = resolve_checkpoint(path_or_repo_id)
         raw = read_checkpoint_config(ckpt)
         feats = {k: tuple(v.get("shape", ())) for k, v in (raw.get("input_features") or {}).items()}

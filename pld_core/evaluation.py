@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 from rich.progress import Progress
 
 from pld_core.env import EnvSpec, LiberoEnv, check_task, init_states, task_names
 from pld_core.parallel import EpisodePool, outcome_episode
-from pld_core.rollout import Policy
+from pld_core.rollout import Policy, run_episode
 from pld_core.stats import success_summary, wilson_interval
+
+EVAL_SEED = 1_000_000  # a specialist's eval episodes use seeds EVAL_SEED + k on initial states k (fixed)
 
 
 def evaluate(
@@ -72,3 +75,43 @@ def format_report(report: dict) -> str:
     lo, hi = report["mean_ci95"]
     lines.append(f"{'mean':<20} {report['mean']:>8.2f} {f'[{lo:.2f}, {hi:.2f}]':>16}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- a specialist's evaluation
+def eval_outcomes(env, policy, episodes: int) -> list[bool]:
+    """The specialist's evaluation protocol: initial states 0..episodes-1 (wrapping), seeds ``EVAL_SEED + k``."""
+    return [run_episode(env, policy, init_state=k % env.n_init_states, seed=EVAL_SEED + k)[0] for k in range(episodes)]
+
+
+def steps_to_threshold(curve: list[dict], threshold: float = 0.95, min_episodes: int = 1) -> int | None:
+    """Env steps of the first evaluation on at least ``min_episodes`` initial states at or above ``threshold``."""
+    for point in curve:
+        if point["episodes"] >= min_episodes and point["success_rate"] >= threshold - 1e-9:
+            return int(point["env_steps"])
+    return None
+
+
+def plot_curve(curve: list[dict], path: Path, title: str) -> None:
+    """Eval success rate (with 95% Wilson band) against env steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if curve:
+        x = [p["env_steps"] for p in curve]
+        y = [p["success_rate"] for p in curve]
+        lo = [p["ci95"][0] for p in curve]
+        hi = [p["ci95"][1] for p in curve]
+        ax.fill_between(x, lo, hi, alpha=0.2, label="95% CI")
+        ax.plot(x, y, marker="o", label="base + residual")
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("eval success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import sys
 from pathlib import Path
 
 from pld_core.errors import PLDError
@@ -175,3 +177,23 @@ def lineage(client, model_name: str) -> list[dict]:
             "run_id": v.run_id,
         })
     return sorted(rows, key=lambda r: r["version"])
+
+
+# ----------------------------------------------------------------------------- logging from inside a stage
+def mlflow_log(metrics: dict, step: int) -> None:
+    """Log to the active MLflow run, if the caller started one (never starts a run or a server)."""
+    mlflow = sys.modules.get("mlflow")  # no run can be active if mlflow was never imported
+    if mlflow is None or mlflow.active_run() is None:
+        return
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    if clean:
+        mlflow.log_metrics(clean, step=int(step))
+
+
+def mlflow_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or mlflow.active_run() is None:
+        return
+    for p in paths:
+        if Path(p).exists():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path)

@@ -66,14 +66,14 @@ import sys
 import time
 from pathlib import Path
 
-from pld_core.base_policy import read_checkpoint_config, resolve_checkpoint
+from pld_core.base_policy import read_checkpoint_config, require_device, resolve_checkpoint
 from pld_core.artifacts import replace_dir
 from pld_core.errors import PLDError
+from pld_core.lora import lora_options, merge_lora
 
 log = logging.getLogger(__name__)
 
 NORM_STATS_MODES = ("base", "dataset")
-LORA_KEYS = {"r", "lora_alpha", "target_modules", "full_training_modules", "method_type", "init_type"}
 QUANTILE_MODES = {"QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
 TRAIN_MODULE = "lerobot.scripts.lerobot_train"
 
@@ -186,51 +186,6 @@ def _make_view(dataset_root: Path, view: Path, base_stats: dict) -> None:
     write_stats(stats, view)
 
 
-def _lora_check(lora: dict, init_is_ckpt: bool, policy_type: str) -> dict:
-    unknown = set(lora) - LORA_KEYS
-    if unknown:
-        raise PLDError(f"sft lora: unknown keys {sorted(unknown)}. Fix: use some of {sorted(LORA_KEYS)} "
-                       "(LeRobot's --peft.* options)")
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise PLDError("sft lora: LoRA through LeRobot needs the 'peft' package, which is not installed. "
-                       'Fix: pip install "lerobot[peft]==0.6.1", or pass lora=None for full fine-tuning') from None
-    if not init_is_ckpt:
-        raise PLDError("sft lora: LoRA needs a pretrained init checkpoint (LeRobot refuses PEFT from scratch). "
-                       "Fix: pass init=<checkpoint dir>, or lora=None")
-    if not lora.get("target_modules"):
-        from lerobot.policies.factory import get_policy_class
-        from lerobot.policies.pretrained import PreTrainedPolicy
-
-        cls = get_policy_class(policy_type)
-        if cls._get_default_peft_targets is PreTrainedPolicy._get_default_peft_targets:
-            raise PLDError(f"sft lora: LoRA is unsupported for policy type '{policy_type}' without explicit "
-                           "target modules (LeRobot defines none for it). Fix: pass lora['target_modules'] "
-                           "(e.g. a regex of its Linear layers), or lora=None")
-    return {"method_type": "LORA", **lora}
-
-
-def merge_lora(adapter_dir: Path, base_dir: Path, out_dir: Path, device: str = "cpu") -> Path:
-    """Merge a LeRobot PEFT adapter into its base weights: a full pretrained_model dir at out_dir."""
-    from lerobot.configs import PreTrainedConfig
-    from lerobot.policies.factory import get_policy_class
-    from peft import PeftModel
-
-    config = PreTrainedConfig.from_pretrained(base_dir)
-    config.device = device
-    base = get_policy_class(config.type).from_pretrained(base_dir, config=config)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.config.use_peft = False
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir)
-    for f in adapter_dir.iterdir():  # processors (normalizer stats) + train_config.json
-        if f.name.startswith("policy_") or f.name == "train_config.json":
-            shutil.copy2(f, out_dir / f.name)
-    shutil.copytree(adapter_dir, out_dir / "lora_adapter")
-    return out_dir
-
-
 def _last_step(train_dir: Path) -> int | None:
     state = _load_json(train_dir / "checkpoints" / "last" / "training_state" / "training_step.json")
     cfg = train_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
@@ -297,15 +252,13 @@ def sft(
     ``num_threads``: CPU threads of the trainer (OMP/MKL); small models on shared cores train
     many times faster with 1 than with an oversubscribed default.
     """
-    import torch
 
     dataset_root, out_dir = Path(dataset_root).resolve(), Path(out_dir).resolve()
     if steps <= 0 or batch_size <= 0:
         raise PLDError(f"sft: steps ({steps}) and batch_size ({batch_size}) must be positive. Fix: params.yaml sft section")
     if norm_stats not in NORM_STATS_MODES:
         raise PLDError(f"sft: norm_stats '{norm_stats}' unknown. Fix: use one of {NORM_STATS_MODES}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PLDError(f"sft: device '{device}' asked, but CUDA is not available. Fix: device='cpu'")
+    require_device(device, "sft")
     info = _dataset_info(dataset_root)
     ftypes = _feature_types(info)
     save_freq = save_freq or max(steps // 5, 100)
@@ -355,7 +308,7 @@ def sft(
             _check_quantiles(dataset_root, raw.get("normalization_mapping") or {}, ftypes)
     peft_args: list[str] = []
     if lora:
-        peft = _lora_check(lora, not isinstance(init, dict), ptype)
+        peft = lora_options(lora, not isinstance(init, dict), ptype)
         peft_args = [f"--peft.{k}={_cli_value(v)}" for k, v in peft.items()]
 
     request = {"dataset_root": str(dataset_root), "dataset_frames": info.get("total_frames"),

@@ -22,21 +22,14 @@ on the offline store and fixed for the run.
 a full one (``final_eval_episodes`` initial states); when that passes too it is the final evaluation
 and the actor it evaluated is the one saved. ``steps_to_95`` counts full evaluations only.
 
-Two modes (``residual.mode``):
+``residual.mode``: ``sync`` is this class (one process, the updates in line after every env step,
+bit-identical under ``residual.seed``); ``async`` (the default) is
+:class:`pld_core.actor_learner.AsyncSpecialistTrainer`: the same episodes, with the replay and the updates in a
+learner process beside this one. Both update through :class:`pld_core.learner.Learner`.
 
-- ``sync``  this class: one process; after every env step the SAC updates run in line. Everything
-            follows from ``residual.seed``: two runs give bit-identical networks and curves.
-- ``async`` :class:`pld_core.actor_learner.AsyncSpecialistTrainer` (the default): the same episodes
-            (warm-up, probing, storage, xi schedule, 50/50 offline/online batches, critic:actor
-            ratio, learning_starts) but the replay and the updates live in a learner process beside
-            this one, so env steps run at the simulator's speed. Not bit-reproducible (the actor's
-            weights depend on how far the learner got).
-
-Checkpoints (``checkpoints/step_<N>/``) are written at the first episode boundary after every
-``residual.checkpoint_every`` env steps: the SAC networks and optimizer moments and the torch RNG
-(safetensors), the online replay (``np.savez``, loaded with ``allow_pickle=False``) and a JSON of
-counters, the numpy RNG state, the eval curve and the episode log. A killed run resumes from the
-newest complete one (a checkpoint directory is renamed into place only once written).
+Checkpoints (``checkpoints/step_<N>/``, at the first episode boundary after every ``residual.checkpoint_every``
+env steps): the learner's files (:meth:`Learner.save`) and ``state.json`` (counters, numpy RNG, curve, episode
+log) written last; a killed run resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -45,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -57,14 +49,14 @@ from pld_core.errors import PLDError
 from pld_core.features import ACT_DIM
 from pld_core.learner import Learner
 from pld_core.replay import ReplayBuffer
+from pld_core.evaluation import eval_outcomes, plot_curve, steps_to_threshold
+from pld_core.lineage import mlflow_artifacts, mlflow_log
 from pld_core.residual_policy import ResidualPolicy, save_residual
-from pld_core.rollout import prefixed_steps, run_episode
+from pld_core.rollout import prefixed_steps
 from pld_core.sac import ResidualSAC
 from pld_core.stats import success_summary
-from pld_core.store import TrajectoryStore
 
 CHECKPOINTS = "checkpoints"
-EVAL_SEED = 1_000_000  # eval episodes use seeds EVAL_SEED + k on initial states k (fixed)
 
 
 # ----------------------------------------------------------------------------- schedules, buffers
@@ -76,101 +68,9 @@ def xi_schedule(step: int, xi_start: float, xi_end: float, warmup_steps: int) ->
     return float(xi_start + (xi_end - xi_start) * frac)
 
 
-def offline_buffer_from_store(store: TrajectoryStore, encoder: StateEncoder, gamma: float) -> ReplayBuffer:
-    """The offline buffer: every stored episode, obs normalised, T transitions + 1 final row.
-
-    The store keeps no observation after the last step. A successful episode ends in a terminal
-    state (bootstrap masked by done), so its final row repeats the last observation with the
-    stored next base action. An episode that did not end in ``done`` loses its last transition
-    (its next observation is unknown).
-    """
-    names = [*encoder.store_keys, "base_action", "action", "reward", "done", "mc_return", "next_base_action"]
-    steps = store.load(names)
-    x = encoder.normalize(encoder.raw_rows(steps))
-    ends = store.episode_ends
-    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    # mc_return in the store was computed with the collecting stage's gamma
-    same_gamma = math.isclose(float(store.attrs.get("gamma", -1.0)), gamma, rel_tol=0, abs_tol=1e-9)
-    buf = ReplayBuffer(max(2, int(ends[-1]) + len(ends) + 1) if len(ends) else 2, encoder.dim, ACT_DIM, gamma)
-    for s, e in zip(starts, ends):
-        s, e = int(s), int(e)
-        if steps["done"][e - 1]:
-            obs = np.concatenate([x[s:e], x[e - 1:e]])
-            base = np.concatenate([steps["base_action"][s:e], steps["next_base_action"][e - 1:e]])
-            sl = slice(s, e)
-        else:
-            if e - s < 2:
-                continue
-            obs, base, sl = x[s:e], steps["base_action"][s:e], slice(s, e - 1)
-        buf.add_episode(obs, base, steps["action"][sl], steps["reward"][sl], steps["done"][sl],
-                        steps["mc_return"][sl] if same_gamma and steps["done"][e - 1] else None)
-    return buf
-
-
-
 def final_eval_episodes(params) -> int:
     """Episodes of the specialist's last evaluation: residual.final_eval_episodes, else evaluate.episodes."""
     return params.residual.final_eval_episodes or params.evaluate.episodes
-
-
-
-# ----------------------------------------------------------------------------- logging helpers
-def mlflow_log(metrics: dict, step: int) -> None:
-    """Log to the active MLflow run, if the caller started one (never starts a run or a server)."""
-    mlflow = sys.modules.get("mlflow")  # no run can be active if mlflow was never imported
-    if mlflow is None or mlflow.active_run() is None:
-        return
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    if clean:
-        mlflow.log_metrics(clean, step=int(step))
-
-
-def mlflow_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
-    mlflow = sys.modules.get("mlflow")
-    if mlflow is None or mlflow.active_run() is None:
-        return
-    for p in paths:
-        if Path(p).exists():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)
-
-
-def eval_outcomes(env, policy, episodes: int) -> list[bool]:
-    """The specialist's evaluation protocol: initial states 0..episodes-1 (wrapping), seeds ``EVAL_SEED + k``."""
-    return [run_episode(env, policy, init_state=k % env.n_init_states, seed=EVAL_SEED + k)[0] for k in range(episodes)]
-
-
-def steps_to_threshold(curve: list[dict], threshold: float = 0.95, min_episodes: int = 1) -> int | None:
-    """Env steps of the first evaluation on at least ``min_episodes`` initial states at or above ``threshold``."""
-    for point in curve:
-        if point["episodes"] >= min_episodes and point["success_rate"] >= threshold - 1e-9:
-            return int(point["env_steps"])
-    return None
-
-
-def plot_curve(curve: list[dict], path: Path, title: str) -> None:
-    """Eval success rate (with 95% Wilson band) against env steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    if curve:
-        x = [p["env_steps"] for p in curve]
-        y = [p["success_rate"] for p in curve]
-        lo = [p["ci95"][0] for p in curve]
-        hi = [p["ci95"][1] for p in curve]
-        ax.fill_between(x, lo, hi, alpha=0.2, label="95% CI")
-        ax.plot(x, y, marker="o", label="base + residual")
-    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("eval success rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 
@@ -548,10 +448,3 @@ class SpecialistTrainer:
         plot_curve(self.curve, out_dir / "curve.png", title)
         (out_dir / "train_log.json").write_text(json.dumps(self.episode_log))
         mlflow_artifacts([out_dir / "curve.png", out_dir / "curve.json"], artifact_path="specialist")
-
-
-
-def set_torch_threads(threads: int | None) -> None:
-    """Small MLPs on a shared CPU run fastest on one thread (42 ms vs 220 ms per update on 2 busy cores)."""
-    if threads is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)

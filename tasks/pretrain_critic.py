@@ -30,7 +30,7 @@ from pld_core.encoders import encoder_weights_identity
 from pld_core.layout import open_offline
 from pld_core.sac import ResidualSAC
 from pld_core.encoders import check_encoder, make_encoder
-from pld_core.trainer import offline_buffer_from_store, set_torch_threads
+from pld_core.learner import offline_buffer_from_store, set_torch_threads
 from pld_core.stage import input_digests, record_no_data, run_stage
 
 STAGE = "pretrain_critic"
@@ -69,7 +69,7 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
     """Cal-QL pretraining on ``offline_dir``'s store; returns the manifest of ``out_dir``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from pld_core.trainer import mlflow_log
+    from pld_core.lineage import mlflow_log
 
     check_encoder(params.residual.encoder, params.env.mode)
     used = stage_params(params)

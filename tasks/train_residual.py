@@ -30,7 +30,9 @@ from pld_core.layout import BaseRef, env_key, open_offline
 from pld_core.policies import make_policy_factory, validate_policy_spec
 from pld_core.encoders import check_encoder, make_encoder, StateEncoder
 from pld_core.specialist import make_trainer
-from pld_core.trainer import final_eval_episodes, mlflow_log, offline_buffer_from_store, set_torch_threads
+from pld_core.learner import offline_buffer_from_store, set_torch_threads
+from pld_core.lineage import mlflow_log
+from pld_core.trainer import final_eval_episodes
 from pld_core.stage import input_digests, record_no_data, run_stage, stage_key
 
 STAGE = "train_residual"

@@ -20,7 +20,7 @@ from pld_core.errors import PLDError
 from pld_core.encoders import build_backbone, embed, encoder_weights_identity, ImageEncoder, LATENT_DIM, replay_bytes
 from pld_core.encoders import make_encoder
 from pld_core.residual_policy import load_residual, RESIDUAL_WEIGHTS
-from pld_core.trainer import offline_buffer_from_store
+from pld_core.learner import offline_buffer_from_store
 from pld_core.store import TrajectoryStore
 from pld_core.layout import OFFLINE_STORE, BaseRef
 from tasks import collect_offline, pretrain_critic, train_residual

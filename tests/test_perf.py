@@ -31,7 +31,7 @@ from bench.perf import _synthetic_buffer
 from pld_core.policies import make_policy_factory
 from pld_core.encoders import StateEncoder
 from pld_core.specialist import make_trainer
-from pld_core.trainer import EVAL_SEED
+from pld_core.evaluation import EVAL_SEED
 
 from builders import RecordingEnv, kill_at_first_checkpoint
 

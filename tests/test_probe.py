@@ -29,7 +29,9 @@ from pld_core.replay import ReplayBuffer
 from pld_core.scripted import ScriptedExpert
 from pld_core.encoders import StateEncoder
 from pld_core.residual_policy import load_residual
-from pld_core.trainer import EVAL_SEED, offline_buffer_from_store, SpecialistTrainer, steps_to_threshold, xi_schedule
+from pld_core.evaluation import EVAL_SEED, steps_to_threshold
+from pld_core.learner import offline_buffer_from_store
+from pld_core.trainer import SpecialistTrainer, xi_schedule
 from pld_core.store import TrajectoryStore, mc_returns
 from pld_core.layout import OFFLINE_STORE, BaseRef
 from tasks import collect_offline, pretrain_critic, train_residual
