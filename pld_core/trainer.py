@@ -298,10 +298,10 @@ class SpecialistTrainer:
             if not warmup:
                 self.rl_steps += 1
             probing = s.t < n_probe
+            if not probing and stored == 0:
+                self._replay_start(self._encode(s.obs), s.base_action)
             next_x = self._encode(s.next_obs)
             if not probing:  # probing steps never enter the replay
-                if stored == 0:
-                    self._replay_start(self._encode(s.obs), s.base_action)
                 self._replay_step(s.action, s.reward, float(s.terminated), next_x, s.next_base_action)
                 stored += 1
                 self.stored_transitions += 1

@@ -282,3 +282,40 @@ def test_hybrid_episode_hands_over_at_t_base_and_labels_what_was_executed(init_s
     reward = np.r_[np.zeros(T - 1), float(terminated)]
     assert np.array_equal(s["reward"], reward) and np.array_equal(s["done"], reward > 0)
     assert np.allclose(s["mc_return"], mc_returns(reward, 0.9))
+
+
+# ----------------------------------------------------------------------------- the prefixed rollout itself
+@pytest.mark.parametrize("init_state,prefix", [(0, 4), (1, 0), (3, 50)])
+def test_prefixed_steps_reports_each_step(init_state, prefix):
+    """Every step says its index, whether it was in the prefix, and how the episode ended (only the last one
+    is terminated or truncated); the next step starts where the last one left off."""
+    from pld_core.rollout import prefixed_steps
+
+    env, pol = LineEnv(), Hybrid()
+    steps = list(prefixed_steps(env, pol, init_state, seed=5, prefix=prefix))
+    T = len(env.episodes[-1]["actions"])
+    assert [s.t for s in steps] == list(range(T))
+    assert [s.prefix for s in steps] == [t < prefix for t in range(T)]
+    ended = env.succeed_at[init_state] is not None
+    assert [s.terminated for s in steps] == [False] * (T - 1) + [ended]
+    assert [s.truncated for s in steps] == [False] * (T - 1) + [not ended]
+    assert all(a.next_obs is b.obs and a.next_base_action is b.base_action for a, b in zip(steps, steps[1:]))
+
+
+def test_each_observation_is_encoded_once(tmp_path):
+    """The trainer encodes an observation once, for the residual and the replay (an image encoder is a ResNet pass)."""
+    trainer, env, _ = make_trainer(tmp_path, learning_starts=10**9, warmup_episodes=1)
+    calls = []
+    real = trainer.encoder.__class__.__call__
+
+    class Counting(trainer.encoder.__class__):
+        def __call__(self, obs):
+            calls.append(obs)  # kept alive, so ids stay distinct
+            return real(self, obs)
+
+    trainer.encoder.__class__ = Counting
+    for _ in range(5):
+        n = len(calls)
+        trainer._episode()
+        ep = env.episodes[-1]
+        assert len(calls) - n <= len(ep["obs"]) and len({id(o) for o in calls[n:]}) == len(calls) - n
