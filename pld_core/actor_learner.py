@@ -132,7 +132,6 @@ class _Learner:
         self.cfg, self.shared, self.inbox, self.outbox, self.parent_pid = cfg, shared, inbox, outbox, parent_pid
         self.sac = ResidualSAC(cfg["obs_dim"], ACT_DIM, SACConfig(**cfg["sac"]), device=cfg["device"])
         self.sac.load_state_dict(_to_torch(sac_state))
-        self.device = torch.device(cfg["device"])
         self.online = ReplayBuffer(cfg["capacity"], cfg["obs_dim"], ACT_DIM, cfg["gamma"])
         self.offline = None
         if offline_state is not None:

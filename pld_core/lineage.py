@@ -82,12 +82,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def log_metrics(metrics: dict, step: int | None = None) -> None:
-    mlflow = _mlflow()
-    if mlflow.active_run() is None:
+    """Log the numeric entries of ``metrics`` (finite, not bool; nested dicts as ``a.b``) to the active MLflow run,
+    if the caller started one. Never imports MLflow or starts a run: a stage run outside a flow logs nothing."""
+    mlflow = sys.modules.get("mlflow")  # no run can be active if mlflow was never imported
+    if mlflow is None or mlflow.active_run() is None:
         return
-    clean = {k: float(v) for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    clean = {k: float(v) for k, v in _flatten(metrics).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        mlflow.log_metrics(clean, step=None if step is None else int(step))
 
 
 def register_base(client, model_name: str, version: int, checkpoint: Path, run_id: str, parent: int | None,
@@ -180,16 +183,6 @@ def lineage(client, model_name: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- logging from inside a stage
-def mlflow_log(metrics: dict, step: int) -> None:
-    """Log to the active MLflow run, if the caller started one (never starts a run or a server)."""
-    mlflow = sys.modules.get("mlflow")  # no run can be active if mlflow was never imported
-    if mlflow is None or mlflow.active_run() is None:
-        return
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    if clean:
-        mlflow.log_metrics(clean, step=int(step))
-
-
 def mlflow_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
     mlflow = sys.modules.get("mlflow")
     if mlflow is None or mlflow.active_run() is None:

@@ -252,7 +252,6 @@ def sft(
     ``num_threads``: CPU threads of the trainer (OMP/MKL); small models on shared cores train
     many times faster with 1 than with an oversubscribed default.
     """
-
     dataset_root, out_dir = Path(dataset_root).resolve(), Path(out_dir).resolve()
     if steps <= 0 or batch_size <= 0:
         raise PLDError(f"sft: steps ({steps}) and batch_size ({batch_size}) must be positive. Fix: params.yaml sft section")

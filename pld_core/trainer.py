@@ -50,7 +50,7 @@ from pld_core.features import ACT_DIM
 from pld_core.learner import Learner
 from pld_core.replay import ReplayBuffer
 from pld_core.evaluation import eval_outcomes, plot_curve, steps_to_threshold
-from pld_core.lineage import mlflow_artifacts, mlflow_log
+from pld_core.lineage import log_metrics, mlflow_artifacts
 from pld_core.residual_policy import ResidualPolicy, save_residual
 from pld_core.rollout import prefixed_steps
 from pld_core.sac import ResidualSAC
@@ -343,7 +343,7 @@ class SpecialistTrainer:
         metrics["train/grad_steps"] = self.grad_steps
         metrics["train/online_transitions"] = self.online_transitions
         self._update_sums, self._update_counts = {}, {}
-        mlflow_log(metrics, self.env_steps)
+        log_metrics(metrics, self.env_steps)
 
     # ------------------------------------------------------------------ evaluation
     def policy(self, deterministic: bool = True) -> ResidualPolicy:
@@ -361,7 +361,7 @@ class SpecialistTrainer:
                  "episodes": episodes, "xi": round(self.sac.xi, 4), "final": final, "seconds": round(time.time() - t0, 1)}
         self.curve.append(point)
         self.eval_seconds += time.time() - t0
-        mlflow_log({"eval/success_rate": s["success_rate"], "eval/ci95_low": s["ci95"][0], "eval/ci95_high": s["ci95"][1]}, self.env_steps)
+        log_metrics({"eval/success_rate": s["success_rate"], "eval/ci95_low": s["ci95"][0], "eval/ci95_high": s["ci95"][1]}, self.env_steps)
         return point
 
     # ------------------------------------------------------------------ checkpoint / resume

@@ -69,7 +69,7 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
     """Cal-QL pretraining on ``offline_dir``'s store; returns the manifest of ``out_dir``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from pld_core.lineage import mlflow_log
+    from pld_core.lineage import log_metrics
 
     check_encoder(params.residual.encoder, params.env.mode)
     used = stage_params(params)
@@ -99,7 +99,7 @@ def run(params: Params, out_dir: Path, offline_dir: Path, force: bool = False, s
                 progress.advance(bar)
                 if step % log_every == 0 or step == cq.steps - 1:
                     progress.update(bar, info=f"loss {m['calql_loss']:.3g}")
-                    mlflow_log({f"calql/{k}": v for k, v in m.items() if k != "step"}, step)
+                    log_metrics({f"calql/{k}": v for k, v in m.items() if k != "step"}, step)
 
             history = calql_pretrain(sac, offline, cq.steps, cfg, rng, callback)
         state = sac.state_dict()

@@ -31,7 +31,7 @@ from pld_core.policies import make_policy_factory, validate_policy_spec
 from pld_core.encoders import check_encoder, make_encoder, StateEncoder
 from pld_core.specialist import make_trainer
 from pld_core.learner import offline_buffer_from_store, set_torch_threads
-from pld_core.lineage import mlflow_log
+from pld_core.lineage import log_metrics
 from pld_core.trainer import final_eval_episodes
 from pld_core.stage import input_digests, record_no_data, run_stage, stage_key
 
@@ -100,7 +100,7 @@ def run(params: Params, out_dir: Path, base: BaseRef | None, offline_dir: Path, 
             env.close()
         metrics = {**summary, "suite": ep.suite, "task": task, "seconds": round(time.time() - t0, 1),
                    "offline_transitions": len(offline), "online_transitions": trainer.online_transitions}
-        mlflow_log({f"specialist/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        log_metrics({f"specialist/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                    summary["env_steps"])
         return metrics
 
