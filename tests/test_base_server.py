@@ -95,9 +95,9 @@ def test_two_clients_one_forward_pass_same_actions_as_select_action(act_ckpt):
         th.start()
     for th in threads:
         th.join(timeout=60)
+    server.stop()  # before its pipe ends are closed: closing them under its wait() is a race, not a server error
     for a, _ in ends:
         a.close()
-    server.stop()
     assert server.error is None
     for c in range(2):
         np.testing.assert_allclose(np.stack(got[c]), want[c], atol=1e-5)
