@@ -197,8 +197,15 @@ def flywheel(params: Params, iterations: int | None = None, root: str | None = N
     runner = make_task_runner(params)
     boot = bootstrap_flow.with_options(task_runner=runner)(params, root)
     results = {"bootstrap": boot, "iterations": []}
+    target = params.flywheel.target_success
     for k in range(iterations or params.flywheel.iterations):
-        results["iterations"].append(iteration_flow.with_options(task_runner=make_task_runner(params))(params, k, root))
+        out = iteration_flow.with_options(task_runner=make_task_runner(params))(params, k, root)
+        results["iterations"].append(out)
+        rate = out["evaluate"]["metrics"]["success_rate"]
+        if target is not None and rate >= target:
+            print(f"base v{k + 1} reached flywheel.target_success ({rate:.3f} >= {target}): no further iterations")
+            results["stopped_at_target"] = k + 1
+            break
     return results
 
 

@@ -168,7 +168,9 @@ class EvalParams(Section):
 
 
 class FlywheelParams(Section):
-    iterations: int = Field(1, gt=0)
+    iterations: int = Field(2, gt=0)
+    # stop before `iterations` once a version's mean success (evaluate) reaches it; null: run them all
+    target_success: float | None = Field(None, gt=0, le=1)
     data_dir: str = "data"
     task_runner: Literal["threads", "dask", "ray", "sequential"] = "sequential"
     max_workers: int = Field(1, gt=0)

@@ -122,6 +122,7 @@ class SpecialistTrainer:
         if self.use_offline and len(offline) == 0:
             raise PLDError("train_residual: the offline buffer holds no transitions. Fix: rerun collect_offline with more offline.max_episodes")
         self.device = torch.device(params.device)
+        torch.manual_seed(rp.seed)  # before the networks: their initialisation is part of the run
         self.sac = ResidualSAC(encoder.dim, ACT_DIM, params.sac.to_sac_config(use_base=self.use_base), device=self.device)
         if critic_state is not None:
             self._load_critic(critic_state)
@@ -130,7 +131,6 @@ class SpecialistTrainer:
         self.rng = np.random.default_rng(rp.seed)
         self.learner = Learner(self.sac, self.online, offline if self.use_offline else None, self.rng,
                                params.sac.batch_size, rp.offline_fraction) if self.mode == "sync" else None
-        torch.manual_seed(rp.seed)
         self.probe_max = int(rp.probe_max_fraction * env.max_steps)
         # counters (all saved in checkpoints)
         self.env_steps = 0  # every env step of training episodes (warm-up, probing, residual)
