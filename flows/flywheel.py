@@ -23,6 +23,7 @@ from pld_core.config import Params
 from pld_core.errors import PLDError
 from pld_core.layout import BOOTSTRAP, PER_ITERATION, PER_TASK, Layout, base_ref
 from pld_core.stage import no_data_reason
+from pld_core.versions import version_record
 from flows.stages import call_stage
 
 
@@ -158,10 +159,12 @@ def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
         without = {f"{params.env.suite}/{t}": r for t, r in out["tasks_without_data"].items()}
         mlflow.set_tags({"pld.tasks_without_data": json.dumps(without)[:5000]})
         mlflow.log_dict({"tasks": {f"{params.env.suite}/{t}": m for t, m in out["specialists"].items()}}, "iteration_tasks.json")
+        record = version_record(params, layout, k + 1)
+        mlflow.log_dict(record, "version.json")
         version = lineage.register_base(
             client, params.mlflow.model_name, k + 1, Path(base_ref(params, layout, k + 1).spec), parent.info.run_id, parent=k,
             dataset_digest=out["augment_quantiles"]["output_digest"], specialist_runs=out["specialist_runs"], success_rate=rate,
-            tasks_without_data=without)
+            tasks_without_data=without, record=record)
         out["registered_version"] = version
     return out
 
@@ -185,9 +188,12 @@ def bootstrap_flow(params: Params, root: str | None = None) -> dict:
         ckpt = Path(base_ref(params, layout, 0).spec)
         if not ckpt.is_dir():  # a hub id or a scripted controller: register the adopted spec (base.json)
             ckpt = layout.base(0)
+        record = version_record(params, layout, 0)
+        mlflow.log_dict(record, "version.json")
         if ckpt.is_dir():
             out["registered_version"] = lineage.register_base(client, params.mlflow.model_name, 0, ckpt, parent.info.run_id,
-                                                              parent=None, dataset_digest=digest, specialist_runs=[], success_rate=rate)
+                                                              parent=None, dataset_digest=digest, specialist_runs=[], success_rate=rate,
+                                                              record=record)
     return out
 
 

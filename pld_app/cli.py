@@ -204,6 +204,12 @@ def cmd_lineage(args) -> int:
     from pld_app.report import lineage_rows, print_lineage, write_lineage_picture
 
     params = _params(args)
+    if args.versions:
+        from pld_core.layout import Layout
+        from pld_core.versions import versions_report
+
+        print(json.dumps(versions_report(params, Layout.of(params)), indent=1))
+        return 0
     if args.json:
         rows = lineage_rows(params)
         print(json.dumps([{k: r[k] for k in ("version", "parent", "dataset_digest", "success_rate", "per_task", "tasks_without_data")}
@@ -229,13 +235,17 @@ def cmd_params(args) -> int:
 
 def cmd_repro(args) -> int:
     from pld_core.config import load_params
-    from pld_core.dvcutil import dvc_repro, require_dvc_repo, require_pipeline
+    from pld_core.dvcutil import dvc_repro, pipeline_iterations, require_dvc_repo, require_pipeline
 
     root = Path.cwd()
     require_dvc_repo(root)
     require_pipeline(root)
     params = _params(args)  # a bad params.yaml fails here, before DVC runs any stage
     top = load_params(args.params)
+    n = pipeline_iterations(root / "dvc.yaml")
+    if n is not None and n != top.flywheel.iterations:
+        raise PLDError(f"{root / 'dvc.yaml'}: its stages build {n} iteration(s), {args.params} has flywheel.iterations "
+                       f"{top.flywheel.iterations}. Fix: `pld pipeline` (rewrites dvc.yaml for flywheel.iterations), then rerun")
     if params.model_dump(exclude={"profile"}) != top.model_dump(exclude={"profile"}):
         resolve = f"pld params --params {args.params}" + (f" --profile {args.profile}" if args.profile else "")
         resolve += "".join(f" --set {item}" for item in args.set or [])
@@ -244,6 +254,20 @@ def cmd_repro(args) -> int:
                        f"(`{resolve} > resolved.yaml && mv resolved.yaml {args.params}`), "
                        "then run `pld repro` without --profile/--set")
     return dvc_repro(root, args.targets)
+
+
+def cmd_pipeline(args) -> int:
+    from pld_core.artifacts import write_text_atomic
+    from pld_core.dvcutil import pipeline_yaml
+
+    params = _params(args)
+    text = pipeline_yaml(params.flywheel.iterations)
+    if args.stdout:
+        print(text, end="")
+        return 0
+    write_text_atomic(Path(args.out), text)
+    print(f"{args.out}: {params.flywheel.iterations} iteration(s)")
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -330,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     li = sub.add_parser("lineage", help="the registered base versions (MLflow) as a table and a picture")
     li.add_argument("--json", action="store_true")
+    li.add_argument("--versions", action="store_true",
+                    help="every version's record from the data dir as JSON: success per task with 95%% CIs, per task "
+                         "what its iteration did (offline successes, specialist before/after, PLD episodes kept), seconds per stage")
     li.add_argument("--out", default=None, help="picture path (default <data_dir>/figures/lineage.png)")
     params_args(li)
     li.set_defaults(func=cmd_lineage)
@@ -342,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("targets", nargs="*", help="dvc.yaml stages to reproduce (default: all)")
     params_args(rp)
     rp.set_defaults(func=cmd_repro)
+
+    pp = sub.add_parser("pipeline", help="write dvc.yaml from the stage graph for flywheel.iterations iterations")
+    pp.add_argument("--out", default="dvc.yaml")
+    pp.add_argument("--stdout", action="store_true", help="print it instead")
+    params_args(pp)
+    pp.set_defaults(func=cmd_pipeline)
 
     se = sub.add_parser("serve", help="a scheduled deployment of the flywheel on a Prefect server")
     se.add_argument("--cron", required=True, help='e.g. "0 2 * * *" (02:00 every day)')

@@ -1,5 +1,6 @@
 """What people look at: the lineage table, the lineage picture, success per task over base versions,
-and end-effector paths of base rollouts vs PLD episodes (the paper's Figure 10 view)."""
+each iteration's specialist curves, end-effector paths of base rollouts vs PLD episodes (the paper's
+Figure 10 view), and ``versions.json`` (every version's record, :mod:`pld_core.versions`)."""
 
 from __future__ import annotations
 
@@ -108,14 +109,44 @@ def _eef_sources(params: Params, layout) -> tuple[int, dict[str, tuple[Path, str
     }
 
 
-def _figures_key(params: Params, layout, reports: dict) -> str:
-    """What the pictures are drawn from: the evaluation reports and the stores' stage manifests."""
+def _figures_key(params: Params, layout, reports: dict, versions: dict) -> str:
+    """What the pictures are drawn from: the evaluation reports, the version records and the stores' stage manifests."""
     from pld_core.artifacts import digest_json, read_manifest
 
     _, sources = _eef_sources(params, layout)
     stores = {label: ((read_manifest(path.parent) or {}).get("output_digest") if path.exists() else None)
               for label, (path, _) in sources.items()}
-    return digest_json({"reports": reports, "stores": stores, "suite": params.env.suite, "tasks": params.env.tasks})
+    return digest_json({"reports": reports, "versions": versions, "stores": stores, "suite": params.env.suite,
+                        "tasks": params.env.tasks})
+
+
+def _specialist_curves(params: Params, layout, n_iterations: int, fig_dir: Path) -> Path | None:
+    """Each specialist's evaluation curve (success vs env steps), one panel per iteration."""
+    import matplotlib.pyplot as plt
+
+    suite = params.env.suite
+    curves = {}
+    for k in range(n_iterations):
+        for t in params.env.tasks:
+            f = layout.residual(k, suite, t) / "curve.json"
+            if f.is_file():
+                curves.setdefault(k, {})[t] = json.loads(f.read_text())["points"]
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False, sharey=True)
+    for ax, (k, per_task) in zip(axes[0], sorted(curves.items())):
+        for t, pts in per_task.items():
+            ax.plot([p["env_steps"] for p in pts], [p["success_rate"] for p in pts], marker="o", ms=3, label=f"task {t}")
+        ax.set_title(f"iteration {k}: specialists on base v{k}", fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("success (base + residual)")
+    fig.tight_layout()
+    p = fig_dir / "specialist_curves.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
 
 
 def write_figures(params: Params) -> list[Path]:
@@ -123,10 +154,13 @@ def write_figures(params: Params) -> list[Path]:
     Skipped (nothing redrawn or re-logged) when the reports and stores they are drawn from are unchanged."""
     from pld_core.artifacts import write_json_atomic
 
+    from pld_core.versions import versions_report
+
     layout = _layout(params)
     fig_dir = layout.figures()
     reports = eval_reports(params)
-    key = _figures_key(params, layout, reports)
+    versions = versions_report(params, layout)
+    key = _figures_key(params, layout, reports, versions)
     index = fig_dir / "figures.json"
     with contextlib.suppress(OSError, ValueError):
         done = json.loads(index.read_text())
@@ -163,9 +197,15 @@ def write_figures(params: Params) -> list[Path]:
         fig.savefig(p, dpi=120)
         plt.close(fig)
         written.append(p)
+    p = _specialist_curves(params, layout, len(versions["versions"]), fig_dir)
+    if p:
+        written.append(p)
     p = _eef_paths(params, layout, fig_dir)
     if p:
         written.append(p)
+    if versions["versions"]:
+        write_json_atomic(fig_dir / "versions.json", versions)
+        written.append(fig_dir / "versions.json")
     try:
         client = _client(params)
         runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id],

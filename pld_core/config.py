@@ -178,6 +178,10 @@ class FlywheelParams(Section):
     # simulators run at once (worker processes) by collect_offline, collect_pld and evaluate; 1 = in-process.
     # Results do not depend on it (every episode is a function of its task, initial state and seed).
     collect_workers: int = Field(2, ge=1)
+    # a plumbing check, not training: collect_offline and collect_pld keep failed episodes too, so every stage
+    # runs on non-empty input from a base that never succeeds (a random pi0.5, a base distilled for 20 steps).
+    # The success rates stay the true ones; what the specialists and the SFT learn from such data means nothing.
+    keep_failures: bool = False
     # with collect_workers > 1: load a LeRobot base once, in the stage's process, and batch its calls
     # across the simulators (pld_core/base_server.py) instead of one copy per worker
     batch_base: bool = False

@@ -95,7 +95,7 @@ def log_metrics(metrics: dict, step: int | None = None) -> None:
 
 def register_base(client, model_name: str, version: int, checkpoint: Path, run_id: str, parent: int | None,
                   dataset_digest: str | None, specialist_runs: list[str], success_rate: float | None,
-                  tasks_without_data: dict[str, str] | None = None) -> str:
+                  tasks_without_data: dict[str, str] | None = None, record: dict | None = None) -> str:
     """Register base ``v<version>``; idempotent: a registry version with the same pld_version *and* the
     same checkpoint content (its stage manifest's output digest) is reused. A rebuilt base (new params,
     new data) gets a new registry version, and :func:`lineage` reads the newest one per pld_version."""
@@ -118,11 +118,27 @@ def register_base(client, model_name: str, version: int, checkpoint: Path, run_i
         "base_digest": digest or "",
         # the tasks that added no PLD data to this version, with the reason (a base or specialist that never succeeded)
         "tasks_without_data": json.dumps(tasks_without_data or {}, sort_keys=True)[:5000],
+        **record_tags(record),
     }
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags,
                                      description=f"base v{version}" + (f", fine-tuned from v{parent}" if parent is not None else ""))
     update_aliases(client, model_name)
     return mv.version
+
+
+def record_tags(record: dict | None) -> dict[str, str]:
+    """A version's record (:func:`pld_core.versions.version_record`) as registry tags the MLflow UI lists:
+    the mean's 95% CI, success per task with its CI, and for a version an iteration made, the PLD episodes
+    kept and each specialist's final success per task, and the iteration's compute seconds."""
+    if not record:
+        return {}
+    tags = {"mean_ci95": json.dumps(record["mean_ci95"]),
+            "per_task_success": json.dumps({t: [s["success_rate"], *s["ci95"]] for t, s in record["per_task"].items()}),
+            "compute_seconds": str(record.get("compute_seconds"))}
+    if "tasks" in record:
+        tags["pld_episodes"] = json.dumps({t: r["pld_episodes_kept"] for t, r in record["tasks"].items()})
+        tags["specialist_final_success"] = json.dumps({t: r["specialist_final_success_rate"] for t, r in record["tasks"].items()})
+    return {k: v[:5000] for k, v in tags.items()}
 
 
 def checkpoint_digest(checkpoint: Path) -> str | None:
@@ -175,6 +191,9 @@ def lineage(client, model_name: str) -> list[dict]:
             "success_rate": float(t["success_rate"]) if t.get("success_rate") else None,
             "specialist_runs": [r for r in t.get("specialist_runs", "").split(",") if r],
             "tasks_without_data": json.loads(t.get("tasks_without_data") or "{}"),
+            "mean_ci95": json.loads(t["mean_ci95"]) if t.get("mean_ci95") else None,
+            "pld_episodes": json.loads(t["pld_episodes"]) if t.get("pld_episodes") else None,
+            "specialist_final_success": json.loads(t["specialist_final_success"]) if t.get("specialist_final_success") else None,
             "registry_version": int(v.version),
             "checkpoint": t.get("checkpoint"),
             "run_id": v.run_id,

@@ -4,7 +4,8 @@ Rolls the base out on initial states 0, 1, 2, ... (wrapping) until ``offline.suc
 successful episodes or ``offline.max_episodes`` episodes; ``flywheel.collect_workers`` simulators
 play them at once (:class:`pld_core.parallel.EpisodePool`; the kept episodes do not depend on it). Successful episodes go into
 ``<out>/offline.zarr`` with their Monte-Carlo returns (sparse binary reward, ``sac.gamma``) and the
-base action at every next state; failures are only counted (the base's success rate is a metric).
+base action at every next state; failures are only counted (the base's success rate is a metric),
+unless ``flywheel.keep_failures`` (a plumbing check) keeps them too.
 A base that never succeeds is an outcome, not an error: the stage finishes with an empty store and
 ``metrics.no_data`` + ``metrics.reason``, and the task's later stages record that they had no data.
 
@@ -34,8 +35,10 @@ STAGE = "collect_offline"
 
 def stage_inputs(params: Params, base: BaseRef, task: int) -> tuple[dict, dict]:
     """(params read, inputs): what the stage key is made of."""
-    return ({"env": env_key(params, task), "offline": params.section_dict("offline"), "gamma": params.sac.gamma},
-            {"base": base.digest})
+    used = {"env": env_key(params, task), "offline": params.section_dict("offline"), "gamma": params.sac.gamma}
+    if params.flywheel.keep_failures:  # only when set: the keys of data dirs made without it stay valid
+        used["keep_failures"] = True
+    return used, {"base": base.digest}
 
 
 def run(params: Params, out_dir: Path, base: BaseRef, task: int, force: bool = False, show_progress: bool = True) -> dict:
@@ -56,7 +59,8 @@ def run(params: Params, out_dir: Path, base: BaseRef, task: int, force: bool = F
             work / OFFLINE_STORE, spec.obs_shapes(), ep.suite, task_names(ep.suite),
             extra_attrs={"stage": STAGE, "task": int(task), "base": base.spec, "gamma": gamma},
         )
-        outcomes, lengths, steps = [], [], 0
+        outcomes, lengths, steps, kept = [], [], 0, 0
+        keep_failures = params.flywheel.keep_failures
         columns = [TextColumn(f"[bold]offline {ep.suite}/{task}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("successes"), TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
         # episode k: initial state k mod n, seed op.seed * 1_000_003 + k, whichever worker plays it
@@ -68,22 +72,24 @@ def run(params: Params, out_dir: Path, base: BaseRef, task: int, force: bool = F
             for k, (ok, length, episode) in enumerate(pool.imap(record_episode, jobs)):
                 outcomes.append(ok)
                 lengths.append(length)
-                if ok:
-                    store.append([episode])  # one successful episode per write: bounded memory with images
+                if ok or keep_failures:
+                    store.append([episode])  # one episode per write: bounded memory with images
                     steps += length
-                progress.update(bar, completed=sum(outcomes), info=f"episodes {k + 1}")
-                if sum(outcomes) >= op.successes:
+                    kept += 1
+                progress.update(bar, completed=kept, info=f"episodes {k + 1}")
+                if kept >= op.successes:
                     break
         summary = success_summary(outcomes)
         metrics = {
             "suite": ep.suite, "task": int(task), "base": base.spec,
             "episodes": len(outcomes), "successes": summary["successes"],
             "base_success_rate": summary["success_rate"], "base_ci95": summary["ci95"],
-            "short": summary["successes"] < op.successes,
-            "steps": steps, "mean_success_length": round(steps / summary["successes"], 1) if summary["successes"] else None,
-            "seconds": round(time.time() - t0, 1),
+            "short": summary["successes"] < op.successes, "kept": kept,
+            "steps": steps, "seconds": round(time.time() - t0, 1),
+            "mean_success_length": (round(sum(n for n, ok in zip(lengths, outcomes) if ok) / summary["successes"], 1)
+                                    if summary["successes"] else None),
         }
-        if summary["successes"] == 0:
+        if kept == 0:
             # an outcome, not an error: no offline data, so no specialist and no PLD data for this task this
             # iteration; the iteration goes on with the other tasks (the task's demos stay in the SFT data)
             metrics.update(no_data=True, reason=f"collect_offline: the base succeeded in 0 of {len(outcomes)} episodes (offline.max_episodes)")

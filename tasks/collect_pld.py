@@ -1,4 +1,5 @@
-"""Stage `collect_pld` (PLD "Learn"): hybrid rollouts of base then base + residual; successes kept.
+"""Stage `collect_pld` (PLD "Learn"): hybrid rollouts of base then base + residual; successes kept
+(every episode with ``flywheel.keep_failures``, a plumbing check).
 
 Each episode draws ``T_base ~ U{0, ..., floor(alpha * T_max)}``. For the first ``T_base`` steps the
 frozen base acts alone and the SFT label is the base action; from then on the specialist acts,
@@ -64,6 +65,9 @@ def run(params: Params, out_dir: Path, base: BaseRef, task: int, residual_dir: P
     e, c = params.env, params.collect
     used = {"env": {"suite": e.suite, "task": task, "mode": e.mode, "image_size": e.image_size, "max_objects": e.max_objects},
             "collect": params.section_dict("collect"), "gamma": params.sac.gamma, "seed": params.flywheel.seed}
+    keep_failures = params.flywheel.keep_failures
+    if keep_failures:  # only when set: the keys of data dirs made without it stay valid
+        used["keep_failures"] = True
 
     def build(tmp: Path) -> dict:
         spec = EnvSpec(e.suite, task, mode=e.mode, image_size=e.image_size, max_objects=e.max_objects)
@@ -91,7 +95,7 @@ def run(params: Params, out_dir: Path, base: BaseRef, task: int, residual_dir: P
                 for ok, ep in pool.imap(hybrid_job, jobs()):
                     attempt += 1
                     outcomes.append(ok)
-                    if ok:
+                    if ok or keep_failures:
                         store.append([ep])
                         kept_t_base.append(int(ep.t_base))
                         progress.advance(bar)

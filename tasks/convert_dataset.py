@@ -16,11 +16,15 @@ def run(params: Params, out_dir: Path, pld_dirs: list[Path], extra_dirs: list[Pa
     extra_dirs = list(extra_dirs or [])
     inputs = input_digests(**{f"pld_{i}": d for i, d in enumerate(pld_dirs)}, **{f"extra_{i}": d for i, d in enumerate(extra_dirs)})
     used = {"env_mode": params.env.mode, "repo_id": repo_id}
+    keep_failures = params.flywheel.keep_failures
+    if keep_failures:  # only when set: the keys of data dirs made without it stay valid
+        used["keep_failures"] = True
 
     def build(tmp: Path) -> dict:
         stores = [Path(d) / PLD_STORE for d in pld_dirs] + [next(Path(d).glob("*.zarr")) for d in extra_dirs]
         root = tmp / "dataset"
-        convert_stores(stores, root, repo_id=repo_id, use_images=params.env.mode == "images", label_key="label_action")
+        convert_stores(stores, root, repo_id=repo_id, use_images=params.env.mode == "images", label_key="label_action",
+                       only_successful=not keep_failures)
         import json
 
         info = json.loads((root / "meta" / "info.json").read_text())

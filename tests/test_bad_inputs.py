@@ -83,6 +83,7 @@ infrastructure
   dvc_not_initialised   pld repro, no .dvc/            -> "<dir>: not a DVC repository"
   dvc_no_pipeline       pld repro, no dvc.yaml         -> "<dir>/dvc.yaml: no DVC pipeline here"
   dvc_profile_mismatch  pld repro --profile smoke      -> "dvc.yaml's stages read its top level"
+  dvc_iterations        pld repro, flywheel.iterations 3, dvc.yaml of 2 -> "its stages build 2 iteration(s)"
   two_flywheels         pld flywheel, data dir locked  -> "<data> is in use by another flywheel ({"pid": ...})"
   disk_full_at_create   pld demo into a 64 KiB tmpfs   -> "no space left on device" (no store, no .tmp-*)
   disk_full_in_append   pld demo into a 104 KiB tmpfs  -> "no space left on device" (the failed episode is invisible)
@@ -509,23 +510,31 @@ def test_unreachable_mlflow_uri(tmp_path):
     assert tree(tmp_path) == before
 
 
-def _dvc_project(tmp_path: Path, dvc_dir: bool, pipeline: bool) -> None:
-    write_params(tmp_path)
+def _dvc_project(tmp_path: Path, dvc_dir: bool, pipeline: bool, **top) -> None:
+    write_params(tmp_path, **top)
     if pipeline:
         shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     if dvc_dir:
         (tmp_path / ".dvc").mkdir()
 
 
-@pytest.mark.parametrize("case", ["dvc_not_initialised", "dvc_no_pipeline", "dvc_profile_mismatch"])
+@pytest.mark.parametrize("case", ["dvc_not_initialised", "dvc_no_pipeline", "dvc_profile_mismatch", "dvc_iterations"])
 def test_dvc_repro_refuses(capsys, tmp_path, monkeypatch, case):
-    _dvc_project(tmp_path, dvc_dir=case != "dvc_not_initialised", pipeline=case != "dvc_no_pipeline")
+    from pld_core.config import load_params
+
+    n = load_params(ROOT / "params.yaml").flywheel.iterations
+    more = {"flywheel": {**yaml.safe_load((ROOT / "params.yaml").read_text())["flywheel"], "data_dir": str(tmp_path / "data"),
+                         "iterations": n + 1}} if case == "dvc_iterations" else {}
+    _dvc_project(tmp_path, dvc_dir=case != "dvc_not_initialised", pipeline=case != "dvc_no_pipeline", **more)
     monkeypatch.chdir(tmp_path)
     before = tree(tmp_path)
     if case == "dvc_not_initialised":
         expect_error(*pld(capsys, "repro"), f"{tmp_path}: not a DVC repository", f"run `dvc init` in {tmp_path}")
     elif case == "dvc_no_pipeline":
         expect_error(*pld(capsys, "repro"), f"{tmp_path / 'dvc.yaml'}: no DVC pipeline here")
+    elif case == "dvc_iterations":
+        expect_error(*pld(capsys, "repro"), f"{tmp_path / 'dvc.yaml'}: its stages build {n} iteration(s), params.yaml has "
+                     f"flywheel.iterations {n + 1}", "Fix: `pld pipeline`")
     else:
         expect_error(*pld(capsys, "repro", "--profile", "smoke"), "params.yaml: dvc.yaml's stages read its top level",
                      "pld params --params params.yaml --profile smoke >")

@@ -137,6 +137,78 @@ def test_a_task_whose_base_never_succeeds_is_recorded_and_the_rest_is_distilled(
     assert "no PLD data from libero_object task 1" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
 
 
+def test_every_version_has_its_record(smoke_run):
+    """figures/versions.json (= `pld lineage --versions`) and the registry tags carry, per version, success per task
+    with its CI, and for v1 what iteration 0 did per task, each number read from the stage that made it."""
+    tmp, _, _ = smoke_run
+    data = tmp / "data"
+    rec = json.loads((data / "figures" / "versions.json").read_text())
+    r = pld("lineage", "--versions", *smoke_overrides(tmp), *TWO_TASKS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == rec
+    assert [v["version"] for v in rec["versions"]] == [0, 1] and rec["versions"][1]["parent"] == 0
+    v0, v1 = rec["versions"]
+    for v, ev_dir in ((v0, "base_v0_eval"), (v1, "iter_0/eval")):
+        ev = json.loads((data / ev_dir / "eval.json").read_text())
+        assert v["mean"] == ev["mean"] and v["mean_ci95"] == ev["mean_ci95"]
+        assert v["per_task"] == {t: {"success_rate": x["success_rate"], "ci95": x["ci95"], "episodes": x["episodes"]}
+                                 for t, x in ev["tasks"].items()}
+    metrics = {rel: json.loads((data / rel / "manifest.json").read_text())["metrics"]
+               for rel in ("iter_0/libero_object-0/offline", "iter_0/libero_object-0/residual", "iter_0/pld/libero_object-0")}
+    t0, t1 = v1["tasks"]["libero_object/0"], v1["tasks"]["libero_object/1"]
+    assert t0["offline_successes"] == metrics["iter_0/libero_object-0/offline"]["successes"]
+    assert t0["specialist_final_success_rate"] == metrics["iter_0/libero_object-0/residual"]["final_success_rate"]
+    assert t0["pld_episodes_kept"] == metrics["iter_0/pld/libero_object-0"]["episodes"] == 2 and not t0["no_data"]
+    assert t1["no_data"] and "succeeded in 0 of 6 episodes" in t1["reason"] and t1["offline_successes"] == 0
+    from bench.perf import _manifests
+
+    it0 = {m["dir"]: m["compute_seconds"] for m in _manifests(data) if m["dir"].startswith("iter_0/")}
+    assert set(v1["stage_seconds"]) == set(it0) and len(it0) == 13  # 4 stages x 2 tasks + convert, augment, sft, eval
+    assert all(v1["stage_seconds"][d] == round(it0[d], 1) for d in it0)
+    assert v1["compute_seconds"] == round(sum(v1["stage_seconds"].values()), 1)
+    assert set(v0["stage_seconds"]) == {"base_v0", "base_v0_eval"}  # a scripted base.path: no demos, no training
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    tags = {int(v.tags["pld_version"]): v.tags for v in client.search_model_versions("name='pld-base'")}
+    assert json.loads(tags[1]["per_task_success"]) == {t: [x["success_rate"], *x["ci95"]] for t, x in v1["per_task"].items()}
+    assert json.loads(tags[1]["pld_episodes"]) == {"libero_object/0": 2, "libero_object/1": None}
+    assert json.loads(tags[0]["mean_ci95"]) == v0["mean_ci95"] and "pld_episodes" not in tags[0]
+    assert (data / "figures" / "specialist_curves.png").is_file()
+
+
+def test_the_loop_stops_at_the_target_and_runs_every_iteration_without_one(monkeypatch):
+    """flywheel.iterations bounds the loop; flywheel.target_success ends it after the first version reaching it."""
+    import flows.flywheel as fw
+    from pld_core.config import load_params
+
+    rates = [0.5, 0.92, 0.97]
+    ran = []
+
+    class Fake:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def with_options(self, **_):
+            return self.fn
+
+    def iteration(params, k, root):
+        ran.append(k)
+        return {"evaluate": {"metrics": {"success_rate": rates[k]}}}
+
+    monkeypatch.setattr(fw, "bootstrap_flow", Fake(lambda params, root: {}))
+    monkeypatch.setattr(fw, "iteration_flow", Fake(iteration))
+    monkeypatch.setattr(fw, "make_task_runner", lambda params: None)
+    base = load_params(ROOT / "params.yaml", "smoke")
+    for target, iterations, want in ((0.9, 3, [0, 1]), (None, 3, [0, 1, 2]), (0.99, 2, [0, 1]), (0.5, 3, [0])):
+        ran.clear()
+        params = base.model_copy(update={"flywheel": base.flywheel.model_copy(update={"target_success": target,
+                                                                                       "iterations": iterations})})
+        out = fw.flywheel(params, root=str(ROOT))
+        assert ran == want, (target, iterations, ran)
+        assert out.get("stopped_at_target") == (len(want) if target is not None and rates[want[-1]] >= target else None)
+
+
 def test_rerun_skips_every_stage(smoke_run):
     """Nothing rebuilt or redrawn (how fast a cached rerun is: `pld bench overhead`)."""
     tmp, _, _ = smoke_run
@@ -148,13 +220,20 @@ def test_rerun_skips_every_stage(smoke_run):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()} == figures  # nor redrawn
 
 
-def test_dvc_repro_runs_once_then_nothing_then_downstream_only(tmp_path):
+def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_path):
+    """Three iterations through `dvc repro` at smoke scale, dvc.yaml written by `pld pipeline`. The smoke base v1
+    is distilled for 20 steps and never succeeds, so flywheel.keep_failures keeps every episode: each stage of
+    every iteration runs on real input. Every stage runs once, each iteration fine-tunes the previous one's base
+    (the sft manifest's input is the previous sft's output), a second repro runs nothing, and a changed
+    evaluate.episodes reruns the four evaluations only (nothing reads them)."""
     proj = tmp_path / "proj"
     proj.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
-    r = pld("params", "--profile", "smoke", "--set", "flywheel.data_dir=data", "--set", "mlflow.tracking_uri=sqlite:///data/mlflow.db")
+    r = pld("params", "--profile", "smoke", "--set", "flywheel.data_dir=data", "--set", "mlflow.tracking_uri=sqlite:///data/mlflow.db",
+            "--set", "flywheel.iterations=3", "--set", "flywheel.keep_failures=true")
     assert r.returncode == 0, r.stderr
     (proj / "params.yaml").write_text(r.stdout)
+    r = pld("pipeline", cwd=proj)
+    assert r.returncode == 0, r.stderr
     dvc = [str(VENV_BIN / "dvc")]
     env = _env()
 
@@ -163,21 +242,27 @@ def test_dvc_repro_runs_once_then_nothing_then_downstream_only(tmp_path):
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return out.stdout + out.stderr
 
+    def ran(out: str) -> set[str]:
+        return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
     run("init", "--no-scm", "-q")
     out = run("repro")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0", "collect_offline@0",
-                   "pretrain_critic@0", "train_residual@0", "collect_pld@0", "convert_dataset", "augment_quantiles",
-                   "sft", "evaluate"}, out[-2000:]
-    assert "changed" not in run("status").lower() or "up to date" in run("status").lower()
-    out = run("repro")
-    assert "Running stage" not in out
+    per_task = ("collect_offline", "pretrain_critic", "train_residual", "collect_pld")
+    per_iteration = ("convert_dataset", "augment_quantiles", "sft", "evaluate")
+    assert ran(out) == {"demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0",
+                        *(f"{s}_it{k}@0" for s in per_task for k in range(3)),
+                        *(f"{s}_it{k}" for s in per_iteration for k in range(3))}, out[-2000:]
+    data = proj / "data"
+    for k in (1, 2):
+        sft_in = json.loads((data / f"iter_{k}" / "base_next" / "manifest.json").read_text())["inputs"]
+        parent = json.loads((data / f"iter_{k - 1}" / "base_next" / "manifest.json").read_text())["output_digest"]
+        assert parent in json.dumps(sft_in), (k, sft_in)
+        assert (data / f"iter_{k}" / "eval" / "eval.json").is_file()
+    assert "Running stage" not in run("repro")
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["sft"]["steps"] = 25
+    params["evaluate"]["episodes"] = 3
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run("repro")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"sft", "evaluate"}, out[-2000:]
+    assert ran(run("repro")) == {"evaluate_v0", "evaluate_it0", "evaluate_it1", "evaluate_it2"}
 
 
 def test_a_rebuilt_base_gets_a_new_registry_version_and_lineage_reads_it(tmp_path):

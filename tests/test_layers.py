@@ -108,35 +108,56 @@ def test_the_checker_sees_a_wrong_direction_import(tmp_path):
 
 
 def test_dvc_yaml_is_the_stage_graph():
-    """dvc.yaml has one stage per node of pld_core.layout.STAGES (per-task ones as foreach over env.tasks), each runs
-    ``pld stage <name>``, writes the dir the Layout gives and depends on exactly the outputs of the stages it needs
-    (and on base v0 where it runs the base). Drift either way (a stage added to one, a dependency dropped) fails."""
+    """dvc.yaml is what `pld pipeline` writes for the default flywheel.iterations, and what that writes is the graph
+    of pld_core.layout.STAGES unrolled over iterations: the bootstrap stages once; per iteration k one stage per node
+    (per-task ones as foreach over env.tasks) that runs ``pld stage <name> --iteration k``, writes the dir the Layout
+    gives and depends on exactly the outputs of the stages it needs (in iteration k; bootstrap ones once) and, where
+    it runs the base, on base vk: base_v0's output for k = 0, iteration k-1's sft output after. Drift either way (a
+    stage added to one, a dependency dropped, an iteration reading the wrong base) fails."""
     from types import SimpleNamespace
 
     import yaml
 
+    from pld_core.config import load_params
+    from pld_core.dvcutil import pipeline_iterations, pipeline_yaml
     from pld_core.layout import STAGES, Layout, output_dir
 
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(dvc) == [s.name for s in STAGES]
+    iterations = load_params(ROOT / "params.yaml").flywheel.iterations
+    assert (ROOT / "dvc.yaml").read_text() == pipeline_yaml(iterations), "dvc.yaml is stale: run `pld pipeline`"
+    assert pipeline_iterations(ROOT / "dvc.yaml") == iterations
+
+    n = 3
+    dvc = yaml.safe_load(pipeline_yaml(n))["stages"]
+    boot = [s.name for s in STAGES if s.scope == "bootstrap"]
+    assert list(dvc) == boot + [f"{s.name}_it{k}" for k in range(n) for s in STAGES if s.scope != "bootstrap"]
     layout, params = Layout(Path("data")), SimpleNamespace(env=SimpleNamespace(suite="${env.suite}"))
 
-    def out(name: str) -> str:
-        return str(output_dir(name, layout, params, 0, "${item}"))
+    def out(name: str, k: int) -> str:
+        return str(output_dir(name, layout, params, k, "${item}"))
 
-    by_scope = {"bootstrap": "", "iteration": " --iteration 0", "task": " --iteration 0 --task ${item}"}
-    for s in STAGES:
-        spec = dvc[s.name]
-        if s.scope == "task":
-            assert spec["foreach"] == "${env.tasks}", s.name
-            spec = spec["do"]
-        assert spec["cmd"] == f"pld stage {s.name}{by_scope[s.scope]}"
-        assert spec["outs"] == [out(s.name)], s.name
-        # a per-task stage's output folder holds every task's (convert_dataset reads data/iter_0/pld)
-        owners = {out(n): n for n in (t.name for t in STAGES)}
-        owners |= {str(Path(out(t.name)).parent): t.name for t in STAGES if t.scope == "task" and Path(out(t.name)).name.startswith("$")}
-        wanted = set(s.needs) | ({"base_v0"} if s.runs_base else set())
-        assert {owners[d] for d in spec.get("deps", [])} == wanted, s.name
+    owners = {}
+    for k in range(n):
+        for s in STAGES:
+            kk = 0 if s.scope == "bootstrap" else k
+            owners[out(s.name, kk)] = (s.name, kk)
+            if s.scope == "task" and Path(out(s.name, kk)).name.startswith("$"):  # the folder holding every task's output
+                owners[str(Path(out(s.name, kk)).parent)] = (s.name, kk)
+    for k in range(n):
+        for s in STAGES:
+            if s.scope == "bootstrap" and k > 0:
+                continue
+            kk = 0 if s.scope == "bootstrap" else k
+            spec = dvc[s.name if s.scope == "bootstrap" else f"{s.name}_it{k}"]
+            if s.scope == "task":
+                assert spec["foreach"] == "${env.tasks}", s.name
+                spec = spec["do"]
+            by_scope = {"bootstrap": "", "iteration": f" --iteration {k}", "task": f" --iteration {k} --task ${{item}}"}
+            assert spec["cmd"] == f"pld stage {s.name}{by_scope[s.scope]}"
+            assert spec["outs"] == [out(s.name, kk)], s.name
+            wanted = {(m, 0 if m in boot else kk) for m in s.needs}
+            if s.runs_base:
+                wanted.add(("base_v0", 0) if k == 0 else ("sft", k - 1))
+            assert {owners[d] for d in spec.get("deps", [])} == wanted, (s.name, k)
 
 
 def test_every_file_function_the_design_names_exists():
