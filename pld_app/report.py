@@ -159,8 +159,8 @@ def write_figures(params: Params) -> list[Path]:
     layout = _layout(params)
     fig_dir = layout.figures()
     reports = eval_reports(params)
-    versions = versions_report(params, layout)
-    key = _figures_key(params, layout, reports, versions)
+    records = versions_report(params, layout)
+    key = _figures_key(params, layout, reports, records)
     index = fig_dir / "figures.json"
     with contextlib.suppress(OSError, ValueError):
         done = json.loads(index.read_text())
@@ -197,14 +197,14 @@ def write_figures(params: Params) -> list[Path]:
         fig.savefig(p, dpi=120)
         plt.close(fig)
         written.append(p)
-    p = _specialist_curves(params, layout, len(versions["versions"]), fig_dir)
+    p = _specialist_curves(params, layout, len(records["versions"]), fig_dir)
     if p:
         written.append(p)
     p = _eef_paths(params, layout, fig_dir)
     if p:
         written.append(p)
-    if versions["versions"]:
-        write_json_atomic(fig_dir / "versions.json", versions)
+    if records["versions"]:
+        write_json_atomic(fig_dir / "versions.json", records)
         written.append(fig_dir / "versions.json")
     try:
         client = _client(params)

@@ -203,16 +203,20 @@ class HubParams(Section):
 class Params(Section):
     profile: str = "default"
     device: str = "cpu"
+    # the tasks and base v0
     env: EnvParams = EnvParams()
     demo: DemoParams = DemoParams()
     base: BaseParams = BaseParams()
+    # probe and learn: per task, a residual specialist on the frozen base
     offline: OfflineParams = OfflineParams()
     calql: CalQLParams = CalQLParams()
     sac: SACParams = SACParams()
     residual: ResidualParams = ResidualParams()
+    # distill: hybrid rollouts into the next base, evaluated
     collect: CollectParams = CollectParams()
     sft: SFTParams = SFTParams()
     evaluate: EvalParams = EvalParams()
+    # the run: loop, lineage, publishing
     flywheel: FlywheelParams = FlywheelParams()
     mlflow: MLflowParams = MLflowParams()
     hub: HubParams = HubParams()

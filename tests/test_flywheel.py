@@ -163,7 +163,7 @@ def test_every_version_has_its_record(smoke_run):
     from bench.perf import _manifests
 
     it0 = {m["dir"]: m["compute_seconds"] for m in _manifests(data) if m["dir"].startswith("iter_0/")}
-    assert set(v1["stage_seconds"]) == set(it0) and len(it0) == 13  # 4 stages x 2 tasks + convert, augment, sft, eval
+    assert set(v1["stage_seconds"]) == set(it0) and len(it0) == 12  # 4 stages x 2 tasks + convert, augment, sft, eval
     assert all(v1["stage_seconds"][d] == round(it0[d], 1) for d in it0)
     assert v1["compute_seconds"] == round(sum(v1["stage_seconds"].values()), 1)
     assert set(v0["stage_seconds"]) == {"base_v0", "base_v0_eval"}  # a scripted base.path: no demos, no training
@@ -223,13 +223,15 @@ def test_rerun_skips_every_stage(smoke_run):
 def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_path):
     """Three iterations through `dvc repro` at smoke scale, dvc.yaml written by `pld pipeline`. The smoke base v1
     is distilled for 20 steps and never succeeds, so flywheel.keep_failures keeps every episode: each stage of
-    every iteration runs on real input. Every stage runs once, each iteration fine-tunes the previous one's base
-    (the sft manifest's input is the previous sft's output), a second repro runs nothing, and a changed
-    evaluate.episodes reruns the four evaluations only (nothing reads them)."""
+    every iteration runs on real input (one episode where the smoke profile has two). Every stage runs once, each
+    iteration fine-tunes the previous one's base (the sft manifest's input is the previous sft's output), a second
+    repro runs nothing, and a changed evaluate.episodes reruns the four evaluations only (nothing reads them)."""
     proj = tmp_path / "proj"
     proj.mkdir()
     r = pld("params", "--profile", "smoke", "--set", "flywheel.data_dir=data", "--set", "mlflow.tracking_uri=sqlite:///data/mlflow.db",
-            "--set", "flywheel.iterations=3", "--set", "flywheel.keep_failures=true")
+            "--set", "flywheel.iterations=3", "--set", "flywheel.keep_failures=true",
+            *(x for kv in ("offline.successes=1", "collect.episodes_per_task=1", "residual.eval_episodes=1",
+                           "residual.final_eval_episodes=1", "evaluate.episodes=1") for x in ("--set", kv)))
     assert r.returncode == 0, r.stderr
     (proj / "params.yaml").write_text(r.stdout)
     r = pld("pipeline", cwd=proj)
@@ -260,7 +262,7 @@ def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_
         assert (data / f"iter_{k}" / "eval" / "eval.json").is_file()
     assert "Running stage" not in run("repro")
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["evaluate"]["episodes"] = 3
+    params["evaluate"]["episodes"] = 2
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran(run("repro")) == {"evaluate_v0", "evaluate_it0", "evaluate_it1", "evaluate_it2"}
 
