@@ -177,6 +177,58 @@ def test_every_version_has_its_record(smoke_run):
     assert (data / "figures" / "specialist_curves.png").is_file()
 
 
+def test_version_record_reads_each_number_from_its_stage(tmp_path):
+    """A data dir written by hand, every number distinct: the record takes each from the stage that made it."""
+    from pld_core.config import load_params
+    from pld_core.layout import Layout
+    from pld_core.versions import versions_report
+
+    params = load_params(ROOT / "params.yaml", "default")
+    params = params.model_copy(update={"env": params.env.model_copy(update={"tasks": [0, 4]})})
+    layout = Layout(tmp_path)
+
+    def stage(d: Path, metrics: dict, seconds: float) -> None:
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": d.name, "key": "k", "metrics": metrics, "compute_seconds": seconds}))
+
+    def evaluation(d: Path, rates: tuple[float, float], seconds: float) -> None:
+        stage(d, {}, seconds)
+        tasks = {f"libero_object/{t}": {"success_rate": r, "ci95": [r / 2, r / 2 + 0.1], "episodes": 50} for t, r in zip((0, 4), rates)}
+        (d / "eval.json").write_text(json.dumps({"tasks": tasks, "mean": sum(rates) / 2, "mean_ci95": [0.01, 0.99]}))
+
+    stage(layout.root / "base_v0", {}, 11.0)
+    evaluation(layout.base_eval(0), (0.2, 0.0), 12.0)
+    stage(layout.offline(0, "libero_object", 0), {"successes": 3, "episodes": 7}, 1.0)
+    stage(layout.critic_init(0, "libero_object", 0), {}, 2.0)
+    stage(layout.residual(0, "libero_object", 0), {"base_success_rate": 0.3, "final_success_rate": 0.45, "ci95": [0.2, 0.7],
+                                                   "env_steps": 6001}, 3.0)
+    stage(layout.pld(0, "libero_object", 0), {"episodes": 9, "attempts": 13, "hybrid_success_rate": 0.69}, 4.0)
+    reason = "collect_offline: the base succeeded in 0 of 40 episodes"
+    stage(layout.offline(0, "libero_object", 4), {"successes": 0, "episodes": 40, "no_data": True, "reason": reason}, 5.0)
+    stage(layout.dataset_raw(0), {"episodes": 21, "frames": 2100}, 6.0)
+    stage(layout.base(1), {}, 7.0)
+    evaluation(layout.base_eval(1), (0.6, 0.04), 8.0)
+
+    rec = versions_report(params, layout)
+    assert [v["version"] for v in rec["versions"]] == [0, 1]
+    v0, v1 = rec["versions"]
+    assert v0["stage_seconds"] == {"base_v0": 11.0, "base_v0_eval": 12.0} and v0["compute_seconds"] == 23.0
+    assert v1["per_task"]["libero_object/0"] == {"success_rate": 0.6, "ci95": [0.3, 0.4], "episodes": 50}
+    assert v1["mean"] == pytest.approx(0.32) and v1["mean_ci95"] == [0.01, 0.99] and v1["parent"] == 0
+    assert v1["tasks"]["libero_object/0"] == {
+        "offline_successes": 3, "offline_episodes": 7, "specialist_base_success_rate": 0.3, "specialist_final_success_rate": 0.45,
+        "specialist_final_ci95": [0.2, 0.7], "specialist_env_steps": 6001, "pld_episodes_kept": 9, "pld_attempts": 13,
+        "hybrid_success_rate": 0.69, "no_data": False, "reason": None}
+    t4 = v1["tasks"]["libero_object/4"]
+    assert t4["no_data"] and t4["reason"] == reason and t4["offline_successes"] == 0 and t4["pld_episodes_kept"] is None
+    assert v1["sft_dataset"] == {"episodes": 21, "frames": 2100}
+    assert v1["stage_seconds"] == {"iter_0/libero_object-0/offline": 1.0, "iter_0/libero_object-0/critic_init": 2.0,
+                                   "iter_0/libero_object-0/residual": 3.0, "iter_0/pld/libero_object-0": 4.0,
+                                   "iter_0/libero_object-4/offline": 5.0, "iter_0/pld_dataset_raw": 6.0, "iter_0/base_next": 7.0,
+                                   "iter_0/eval": 8.0}
+    assert v1["compute_seconds"] == 36.0
+
+
 def test_the_loop_stops_at_the_target_and_runs_every_iteration_without_one(monkeypatch):
     """flywheel.iterations bounds the loop; flywheel.target_success ends it after the first version reaching it."""
     import flows.flywheel as fw
