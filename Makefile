@@ -11,13 +11,18 @@ export WANDB_MODE := disabled
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt flywheel test bench clean
+TEST_APT_PKGS := chromium chromium-driver   # the UI tests' headless browser
+
+.PHONY: setup apt apt-install test-setup flywheel test bench clean
 
 setup: apt $(VENV)/.installed
 
 # Headless MuJoCo rendering (images mode) needs Mesa's EGL/OSMesa; installed only when missing.
 apt:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_PKGS)"
+
+apt-install:
+	@missing=""; for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
@@ -34,7 +39,15 @@ $(VENV)/.installed: pyproject.toml
 flywheel: setup
 	$(VENV)/bin/pld flywheel
 
-test: setup
+# The tests also need the ray extra (a Ray cluster test) and Chromium (the MLflow and Prefect UIs in a browser).
+test-setup: setup $(VENV)/.installed-test
+	@$(MAKE) --no-print-directory apt-install PKGS="$(TEST_APT_PKGS)"
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[test,ray]"
+	@touch $@
+
+test: test-setup
 	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout 1500 --durations=15
 
 bench: setup

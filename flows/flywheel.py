@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from pld_core import lineage
 from pld_core.config import Params
 from pld_core.errors import PLDError
-from pld_core.layout import BOOTSTRAP, PER_ITERATION, PER_TASK, Layout, base_ref
+from pld_core.layout import BOOTSTRAP, PER_ITERATION, PER_TASK, Layout, base_ref, output_dir
 from pld_core.stage import no_data_reason
 from pld_core.versions import version_record
 from flows.stages import call_stage
@@ -159,6 +159,8 @@ def iteration_flow(params: Params, k: int, root: str | None = None) -> dict:
         without = {f"{params.env.suite}/{t}": r for t, r in out["tasks_without_data"].items()}
         mlflow.set_tags({"pld.tasks_without_data": json.dumps(without)[:5000]})
         mlflow.log_dict({"tasks": {f"{params.env.suite}/{t}": m for t, m in out["specialists"].items()}}, "iteration_tasks.json")
+        lineage.log_dataset_input(layout.dataset(k), f"pld_dataset_it{k}", out["augment_quantiles"]["output_digest"], "sft",
+                                  tags={"base_version": str(k), "tasks_without_data": json.dumps(without)[:250]})
         record = version_record(params, layout, k + 1)
         mlflow.log_dict(record, "version.json")
         version = lineage.register_base(
@@ -185,6 +187,8 @@ def bootstrap_flow(params: Params, root: str | None = None) -> dict:
         rate = out["evaluate_v0"]["metrics"]["success_rate"]
         mlflow.log_metric("base_success_rate", rate)
         digest = out["base_v0_dataset"]["output_digest"] if "base_v0_dataset" in out else None
+        if digest:
+            lineage.log_dataset_input(output_dir("base_v0_dataset", layout, params), "demos_dataset", digest, "training")
         ckpt = Path(base_ref(params, layout, 0).spec)
         if not ckpt.is_dir():  # a hub id or a scripted controller: register the adopted spec (base.json)
             ckpt = layout.base(0)
@@ -213,13 +217,3 @@ def flywheel(params: Params, iterations: int | None = None, root: str | None = N
             results["stopped_at_target"] = k + 1
             break
     return results
-
-
-@flow(name="pld-flywheel", log_prints=True)
-def flywheel_flow(profile: str = "default", params_path: str = "params.yaml", iterations: int | None = None, root: str | None = None) -> dict:
-    """Entry point for scheduled deployments (`pld serve`): reads params.yaml at run time."""
-    from pld_core.config import load_params
-
-    root = root or os.getcwd()
-    params = load_params(Path(root) / params_path, profile)
-    return flywheel(params, iterations, root)

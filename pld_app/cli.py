@@ -271,7 +271,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.serve import serve
+    from pld_app.scheduled import serve
 
     serve(args.cron, profile=args.profile, params_path=args.params, name=args.name)
     return 0

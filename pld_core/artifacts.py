@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -148,6 +149,7 @@ def finish_manifest(out_dir: Path, stage: str, key: str, params: dict, inputs: d
         "code_version": code_version(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "compute_seconds": None if compute_seconds is None else round(float(compute_seconds), 3),
+        "built_by": {"host": socket.gethostname(), "pid": os.getpid()},  # which worker (Dask, Ray, the flow itself) built it
     }
     write_json_atomic(Path(out_dir) / MANIFEST, manifest)
     return manifest

@@ -126,6 +126,22 @@ def register_base(client, model_name: str, version: int, checkpoint: Path, run_i
     return mv.version
 
 
+def log_dataset_input(path: Path, name: str, digest: str | None, context: str, tags: dict[str, str] | None = None) -> None:
+    """A dataset as an input of the active MLflow run (the UI lists it under the run's datasets): its name,
+    the digest of the stage that built it, and its local path as the source."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": all of them local
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    ds = MetaDataset(source=source, name=name, digest=(digest or "")[:36] or None)
+    mlflow.log_input(ds, context=context, tags=tags)
+
+
 def record_tags(record: dict | None) -> dict[str, str]:
     """A version's record (:func:`pld_core.versions.version_record`) as registry tags the MLflow UI lists:
     the mean's 95% CI, success per task with its CI, and for a version an iteration made, the PLD episodes

@@ -13,6 +13,10 @@ from pathlib import Path
 from pld_core.errors import PLDError
 
 
+class DataDirInUse(PLDError):
+    """Another flywheel holds the data directory: nothing was done (a scheduled run ends cancelled, not failed)."""
+
+
 @contextlib.contextmanager
 def data_lock(root: Path):
     root = Path(root)
@@ -25,7 +29,7 @@ def data_lock(root: Path):
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
-        raise PLDError(f"{root} is in use by another flywheel ({holder}). Fix: wait for it to finish, or use another flywheel.data_dir") from None
+        raise DataDirInUse(f"{root} is in use by another flywheel ({holder}). Fix: wait for it to finish, or use another flywheel.data_dir") from None
     fh.seek(0)
     fh.truncate()
     fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))

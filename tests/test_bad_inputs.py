@@ -665,3 +665,18 @@ def test_sft_control_needs_a_finished_iteration_and_demonstrations(capsys, tmp_p
     code, err = pld(capsys, "bench", "sft-control", "--profile", "smoke", "--set", f"flywheel.data_dir={tmp_path / 'data'}")
     assert code == 2 and "base.path" in err and "default profile" in err
     assert not (tmp_path / "data" / "controls").exists()
+
+
+@pytest.mark.parametrize("case", ["serve_without_server", "serve_bad_cron", "serve_missing_params"])
+def test_bad_serve(capsys, tmp_path, monkeypatch, case):
+    """`pld serve` refuses before it registers anything: a bad cron, no params file, no server to schedule on."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    args, frag = {"serve_without_server": (["--cron", "0 2 * * *"], "pld serve needs a Prefect server"),
+                  "serve_bad_cron": (["--cron", "0 2 * *"], "--cron '0 2 * *' is not a valid cron expression"),
+                  "serve_missing_params": (["--cron", "0 2 * * *", "--params", "nope.yaml"], "nope.yaml: no such params file")}[case]
+    if case == "serve_without_server":
+        (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    before = tree(tmp_path)
+    expect_error(*pld(capsys, "serve", *args), frag)
+    assert tree(tmp_path) == before

@@ -1,59 +1,30 @@
-"""End to end: the smoke profile through Prefect on a local Dask cluster (real LIBERO, LeRobot, MLflow),
-the MLflow lineage read back with the client, and the same pipeline through `dvc repro`."""
+"""End to end: the smoke profile through Prefect on a Dask cluster started as a user starts one (real LIBERO,
+LeRobot, MLflow; the `smoke_run` fixture in conftest.py), the MLflow lineage read back with the client, and the
+same pipeline through `dvc repro`."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+from harness import ROOT, TWO_TASKS, VENV_BIN, built_by, manifests, pld, smoke_overrides
+from harness import env as _env
 
 
-def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-
-
-def pld(*args, cwd=ROOT, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "pld_app.cli", *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout)
-
-
-def smoke_overrides(tmp: Path, runner: str = "dask") -> list[str]:
-    return ["--profile", "smoke", "--set", f"flywheel.data_dir={tmp / 'data'}", "--set", f"flywheel.task_runner={runner}",
-            "--set", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "--set", f"mlflow.artifact_dir={tmp / 'mlartifacts'}"]
-
-
-def manifests(data: Path) -> dict[str, str]:
-    return {str(p.relative_to(data)): json.loads(p.read_text())["finished_at"] + json.loads(p.read_text())["key"]
-            for p in data.rglob("manifest.json") if ".tmp-" not in str(p)}
-
-
-# the smoke flywheel on two tasks: the base sometimes succeeds on task 0 and never on task 1 (it holds still there)
-TWO_TASKS = ["--set", "env.tasks=[0, 1]", "--set", "base.path=scripted:noise=0.6,idle=1", "--set", "offline.max_episodes=6"]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("flywheel")
-    t0 = time.time()
-    r = pld("flywheel", *smoke_overrides(tmp), *TWO_TASKS)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp, r, time.time() - t0
-
-
-def test_smoke_flywheel_through_prefect_and_dask(smoke_run):
+def test_smoke_flywheel_through_prefect_and_dask(smoke_run, dask_cluster):
     tmp, r, seconds = smoke_run
     data = tmp / "data"
     assert "DaskTaskRunner" in r.stdout + r.stderr or "dask" in (r.stdout + r.stderr).lower()
+    # every stage ran in the `dask worker` started beside the test (a process under it), none in the flow's process
+    import psutil
+
+    workers = {p.pid for p in psutil.Process(dask_cluster[1].pid).children(recursive=True)} | {dask_cluster[1].pid}
+    pids = {b["pid"] for b in built_by(data).values()}
+    assert r.pid not in pids and pids <= workers, (r.pid, pids, workers)
     stages = manifests(data)
     for rel in ("base_v0/manifest.json", "base_v0_eval/manifest.json",
                 "iter_0/libero_object-0/offline/manifest.json", "iter_0/libero_object-0/critic_init/manifest.json",
@@ -97,6 +68,10 @@ def test_lineage_in_mlflow_registry(smoke_run):
     assert client.get_model_version_by_alias("pld-base", "best").tags["pld_version"] == str(max((1, 0), key=lambda v: rates[v]))
     # nested runs: every stage run of iteration 0 hangs under the iteration's parent run
     parent = client.get_run(v1.run_id)
+    # the PLD dataset is the iteration run's input (the MLflow UI lists it with the run): name, digest, source
+    inputs = {i.dataset.name: i for i in parent.inputs.dataset_inputs}
+    assert inputs["pld_dataset_it0"].dataset.digest == digest[:36]
+    assert json.loads(inputs["pld_dataset_it0"].dataset.source)["uri"] == str((tmp / "data/iter_0/pld_dataset").resolve())
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {c.data.tags["pld.stage"] for c in children} >= {"collect_offline", "pretrain_critic", "train_residual", "collect_pld",
                                                            "convert_dataset", "augment_quantiles", "sft", "evaluate"}

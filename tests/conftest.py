@@ -1,0 +1,117 @@
+"""The smoke flywheel run three ways, each once per test session, as a user runs it: on a Dask cluster started
+with `dask scheduler` and `dask worker`, on a Ray cluster started with `ray start --head`, and as a scheduled
+deployment on a `prefect server` (`pld serve`, sequential task runner). The three use the same params, so their
+stage outputs must agree digest for digest (tests/test_clusters.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (TWO_TASKS, VENV_BIN, env, free_port, pld, process, smoke_overrides, trigger,  # noqa: E402
+                     wait_deployment, wait_final, wait_http, wait_port)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """`dask scheduler` plus one `dask worker` process (one thread), as on a user's machines."""
+    tmp = tmp_path_factory.mktemp("dask")
+    port = free_port()
+    with process([str(VENV_BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                 tmp / "scheduler.log") as sched:
+        wait_port(port, 120, sched, tmp / "scheduler.log")
+        address = f"tcp://127.0.0.1:{port}"
+        with process([str(VENV_BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                      "--local-directory", str(tmp / "worker")], tmp / "worker.log") as worker:
+            t0 = time.time()
+            while "Registered to" not in (tmp / "worker.log").read_text():
+                assert worker.poll() is None and time.time() - t0 < 120, (tmp / "worker.log").read_text()[-3000:]
+                time.sleep(0.5)
+            yield address, worker
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, dask_cluster):
+    """The smoke flywheel on two tasks through Prefect on that Dask cluster (PLD_DASK_ADDRESS)."""
+    address, worker = dask_cluster
+    tmp = tmp_path_factory.mktemp("flywheel")
+    t0 = time.time()
+    r = pld("flywheel", *smoke_overrides(tmp), *TWO_TASKS, extra_env={"PLD_DASK_ADDRESS": address})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp, r, time.time() - t0
+
+
+@pytest.fixture(scope="session")
+def ray_run(tmp_path_factory):
+    """The same flywheel on a local Ray cluster (`ray start --head`, PLD_RAY_ADDRESS)."""
+    pytest.importorskip("prefect_ray", reason="the ray extra: pip install -e '.[ray]' (make test installs it)")
+    tmp = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    ray = str(VENV_BIN / "ray")
+    renv = env(RAY_USAGE_STATS_ENABLED="0")
+    start = [ray, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
+             "--disable-usage-stats", "--temp-dir", str(tmp / "ray-tmp")]
+    import subprocess
+
+    up = subprocess.run(start, capture_output=True, text=True, env=renv, timeout=300)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    try:
+        t0 = time.time()
+        r = pld("flywheel", *smoke_overrides(tmp, runner="ray"), *TWO_TASKS,
+                extra_env={"PLD_RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_USAGE_STATS_ENABLED": "0"})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        yield tmp, r, time.time() - t0
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=renv, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME and a free port (the UI on)."""
+    tmp = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    penv = env(PREFECT_HOME=str(tmp / "home"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_UI_ENABLED="true",
+               PREFECT_RUNNER_POLL_FREQUENCY="2")
+    penv.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
+    with process([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                 tmp / "server.log", environ=penv) as proc:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 240, proc, tmp / "server.log")
+        yield {"url": f"http://127.0.0.1:{port}", "api": f"http://127.0.0.1:{port}/api", "env": penv, "tmp": tmp}
+
+
+def write_params(dest: Path, *overrides: str) -> None:
+    """A project's params.yaml: the smoke profile with ``overrides``, resolved (`pld params`)."""
+    r = pld("params", *overrides)
+    assert r.returncode == 0, r.stderr
+    dest.write_text(r.stdout)
+
+
+@pytest.fixture(scope="session")
+def served(prefect_server, tmp_path_factory):
+    """A project directory served as a scheduled deployment (`pld serve --cron`), with the worker running."""
+    proj = tmp_path_factory.mktemp("scheduled")
+    write_params(proj / "params.yaml", *smoke_overrides(proj, runner="sequential"), *TWO_TASKS)
+    empty = proj / "not_a_checkpoint"
+    empty.mkdir()
+    broken = proj / "broken"
+    write_params(proj / "broken.yaml", *smoke_overrides(broken, runner="sequential"), *TWO_TASKS, "--set", f"base.path={empty}")
+    cmd = [sys.executable, "-m", "pld_app.cli", "serve", "--cron", "0 3 * * *", "--params", "params.yaml", "--profile", "default"]
+    with process(cmd, proj / "serve.log", cwd=proj, environ=prefect_server["env"]) as proc:
+        deployment = wait_deployment(prefect_server, proc, proj / "serve.log")
+        yield {**prefect_server, "proj": proj, "deployment": deployment, "serve": proc, "log": proj / "serve.log"}
+
+
+@pytest.fixture(scope="session")
+def served_run(served):
+    """One scheduled run triggered as a user triggers it (`prefect deployment run`), to completion."""
+    t0 = time.time()
+    run_id = trigger(served)
+    run = wait_final(served, run_id, timeout=1500)
+    assert run["state_type"] == "COMPLETED", json.dumps(run)[:3000] + served["log"].read_text()[-5000:]
+    return served["proj"], run, time.time() - t0
