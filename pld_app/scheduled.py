@@ -29,7 +29,6 @@ from prefect.states import Cancelled, Failed
 from pld_core.errors import PLDError
 
 
-
 @flow(name="pld-flywheel", log_prints=True)
 def scheduled_flywheel(profile: str = "default", params_path: str = "params.yaml", iterations: int | None = None,
                        root: str | None = None):

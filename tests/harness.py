@@ -56,12 +56,6 @@ def manifests(data: Path) -> dict[str, str]:
             for p in data.rglob("manifest.json") if ".tmp-" not in str(p)}
 
 
-def output_digests(data: Path) -> dict[str, str]:
-    """Every stage's output digest, by its directory under the data dir."""
-    return {str(p.parent.relative_to(data)): json.loads(p.read_text())["output_digest"]
-            for p in data.rglob("manifest.json") if ".tmp-" not in str(p)}
-
-
 def built_by(data: Path) -> dict[str, dict]:
     return {str(p.parent.relative_to(data)): json.loads(p.read_text())["built_by"]
             for p in data.rglob("manifest.json") if ".tmp-" not in str(p)}
