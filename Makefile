@@ -47,8 +47,12 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e ".[test,ray]"
 	@touch $@
 
+# Most tests are one single-threaded simulation or training at a time: two pytest-xdist workers keep both cores of a
+# 2-core machine busy (TEST_WORKERS=1 runs them one by one; more than the cores only adds contention).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: test-setup
-	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout 1500 --durations=15
+	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout 1500 --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(VENV)/bin/pld bench all

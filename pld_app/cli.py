@@ -184,17 +184,12 @@ def cmd_flywheel(args) -> int:
     t0 = time.time()
     with prefect_api() as api_ready:  # its start-up (a subprocess) overlaps the imports and MLflow set-up below
         params = _params(args)
-        from flows.flywheel import flywheel, mlflow_setup
-        from pld_core.locking import data_lock
-        from pld_app.report import print_lineage, write_figures
+        from pld_app.job import run_flywheel
+        from pld_app.report import print_lineage
         from pld_core.layout import Layout
 
         layout = Layout.of(params)
-        with data_lock(layout.root):
-            mlflow_setup(params, Path.cwd())
-            api_ready()
-            flywheel(params, args.iterations)
-        write_figures(params)
+        run_flywheel(params, args.iterations, before_flows=api_ready)
     print_lineage(params)
     print(f"flywheel finished in {time.time() - t0:.0f} s; artifacts under {layout.root}")
     return 0

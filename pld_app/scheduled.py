@@ -33,11 +33,10 @@ from pld_core.errors import PLDError
 def scheduled_flywheel(profile: str = "default", params_path: str = "params.yaml", iterations: int | None = None,
                        root: str | None = None):
     """One scheduled run: the loop over base versions under the data directory's lock, then the figures."""
-    from flows.flywheel import flywheel, mlflow_setup
-    from pld_app.report import write_figures
+    from pld_app.job import run_flywheel
     from pld_core.config import load_params
     from pld_core.layout import Layout
-    from pld_core.locking import DataDirInUse, data_lock
+    from pld_core.locking import DataDirInUse
 
     log = get_run_logger()
     root = root or os.getcwd()
@@ -45,10 +44,7 @@ def scheduled_flywheel(profile: str = "default", params_path: str = "params.yaml
     try:
         params = load_params(Path(root) / params_path, profile)
         layout = Layout.of(params, Path(root))
-        with data_lock(layout.root):
-            mlflow_setup(params, Path(root))
-            out = flywheel(params, iterations, root)
-            write_figures(params)
+        out = run_flywheel(params, iterations, Path(root))
     except DataDirInUse as e:
         log.warning(str(e))
         return Cancelled(message=str(e))

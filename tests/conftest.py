@@ -5,14 +5,42 @@ stage outputs must agree digest for digest (tests/test_clusters.py)."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Each test process (one per pytest-xdist worker) keeps its Prefect state to itself: the temporary Prefect servers
+# the flywheels start write their database under PREFECT_HOME, and two of them on one sqlite file would lock each
+# other out. A user's own Prefect settings (profile, server) stay out of the tests.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="pld-test-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+for _var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+    os.environ.pop(_var, None)
+
+# the session fixtures below: a test that uses one runs on the worker that built it (pytest-xdist --dist loadgroup)
+_RUNS = {"dask_cluster", "smoke_run", "ray_run", "prefect_server", "served", "served_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers), tests that share a built fixture go to one worker:
+    the smoke runs and servers above to one, each module's module-scoped fixtures to one. The rest spread."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs if fixtures else {}
+        if _RUNS & set(defs):
+            item.add_marker(pytest.mark.xdist_group("runs"))
+        elif any(d[-1].scope in ("module", "package", "class") for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 from harness import (TWO_TASKS, VENV_BIN, env, free_port, pld, process, smoke_overrides, trigger,  # noqa: E402
                      wait_deployment, wait_final, wait_http, wait_port)

@@ -258,7 +258,8 @@ def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_
     r = pld("params", "--profile", "smoke", "--set", "flywheel.data_dir=data", "--set", "mlflow.tracking_uri=sqlite:///data/mlflow.db",
             "--set", "flywheel.iterations=3", "--set", "flywheel.keep_failures=true",
             *(x for kv in ("offline.successes=1", "collect.episodes_per_task=1", "residual.eval_episodes=1",
-                           "residual.final_eval_episodes=1", "evaluate.episodes=1") for x in ("--set", kv)))
+                           "residual.final_eval_episodes=1", "evaluate.episodes=1", "demo.episodes_per_task=2",
+                           "residual.env_steps=200", "calql.steps=10", "sft.steps=10") for x in ("--set", kv)))
     assert r.returncode == 0, r.stderr
     (proj / "params.yaml").write_text(r.stdout)
     r = pld("pipeline", cwd=proj)
