@@ -31,9 +31,21 @@ for _var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
 _RUNS = {"dask_cluster", "smoke_run", "ray_run", "prefect_server", "served", "served_run"}
 
 
+_NOT_GROUPED = ("pytest-xdist did not group the tests (--dist loadgroup): it does not support pytest {}. "
+                "Fix: pip install -e '.[test]' (pytest < 9)")
+
+
+def pytest_configure(config):
+    if config.getoption("dist", "no") == "loadgroup" and int(pytest.__version__.split(".")[0]) >= 9:
+        raise pytest.UsageError(_NOT_GROUPED.format(pytest.__version__))
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers), tests that share a built fixture go to one worker:
-    the smoke runs and servers above to one, each module's module-scoped fixtures to one. The rest spread."""
+    the smoke runs and servers above to one, each module's module-scoped fixtures to one. The rest spread.
+    The marks go on before xdist's own hook reads them into the node ids (it appends ``@group``); where it did
+    not (a pytest it does not support), every worker would build every smoke run: stop instead."""
     for item in items:
         fixtures = getattr(item, "_fixtureinfo", None)
         defs = fixtures.name2fixturedefs if fixtures else {}
@@ -41,6 +53,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("runs"))
         elif any(d[-1].scope in ("module", "package", "class") for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    yield
+    if config.getoption("loadgroup", False) and any("@" not in item.nodeid for item in items if item.get_closest_marker("xdist_group")):
+        raise pytest.UsageError(_NOT_GROUPED.format(pytest.__version__))
+
 
 from harness import (TWO_TASKS, VENV_BIN, env, free_port, pld, process, smoke_overrides, trigger,  # noqa: E402
                      wait_deployment, wait_final, wait_http, wait_port)
