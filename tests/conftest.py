@@ -96,11 +96,15 @@ def ray_run(tmp_path_factory):
     """The same flywheel on a local Ray cluster (`ray start --head`, PLD_RAY_ADDRESS)."""
     pytest.importorskip("prefect_ray", reason="the ray extra: pip install -e '.[ray]' (make test installs it)")
     tmp = tmp_path_factory.mktemp("ray")
+    # Ray's sockets live under its temp dir (<dir>/session_<time>_<pid>/sockets/plasma_store), and a Unix socket's
+    # path must fit in 107 bytes: a pytest-xdist worker's tmp path is too deep, so a short dir, linked from tmp
+    short = Path(tempfile.mkdtemp(prefix="pld-ray-"))
+    (tmp / "ray-tmp").symlink_to(short)
     port = free_port()
     ray = str(VENV_BIN / "ray")
     renv = env(RAY_USAGE_STATS_ENABLED="0")
     start = [ray, "start", "--head", "--port", str(port), "--num-cpus", "1", "--include-dashboard", "false",
-             "--disable-usage-stats", "--temp-dir", str(tmp / "ray-tmp")]
+             "--disable-usage-stats", "--temp-dir", str(short)]
     import subprocess
 
     up = subprocess.run(start, capture_output=True, text=True, env=renv, timeout=300)
@@ -113,6 +117,7 @@ def ray_run(tmp_path_factory):
         yield tmp, r, time.time() - t0
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=renv, timeout=120)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
