@@ -52,7 +52,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: test-setup
-	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout 1500 --durations=15 -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout 1500 --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 bench: setup
 	$(VENV)/bin/pld bench all

@@ -30,6 +30,11 @@ for _var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
 # the session fixtures below: a test that uses one runs on the worker that built it (pytest-xdist --dist loadgroup)
 _RUNS = {"dask_cluster", "smoke_run", "ray_run", "prefect_server", "served", "served_run"}
 
+# What the long pieces cost, in seconds on two busy cores (`make test --durations`): the longest start first, so
+# that no worker is left running one of them alone at the end. A test's cost is its `cost` mark plus the fixtures
+# it builds; a group's is its tests' sum, each fixture counted once. Unlisted tests count as 1 s.
+FIXTURE_COST = {"smoke_run": 450, "served_run": 450, "ray_run": 300, "run": 300}  # `run`: test_image_encoder's
+
 
 _NOT_GROUPED = ("pytest-xdist did not group the tests (--dist loadgroup): it does not support pytest {}. "
                 "Fix: pip install -e '.[test]' (pytest < 9)")
@@ -54,8 +59,41 @@ def pytest_collection_modifyitems(config, items):
         elif any(d[-1].scope in ("module", "package", "class") for d in defs.values()):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     yield
+    items[:] = longest_first(items)
     if config.getoption("loadgroup", False) and any("@" not in item.nodeid for item in items if item.get_closest_marker("xdist_group")):
         raise pytest.UsageError(_NOT_GROUPED.format(pytest.__version__))
+
+
+def item_scope(item) -> str:
+    """The unit pytest-xdist's loadgroup hands to one worker: the test's group, or the test alone."""
+    mark = item.get_closest_marker("xdist_group")
+    return f"@{mark.args[0] if mark.args else mark.kwargs.get('name', 'default')}" if mark else item.nodeid
+
+
+def item_cost(item) -> tuple[float, set[str]]:
+    """A test's own cost (its `cost` mark) and the costed fixtures it uses."""
+    mark = item.get_closest_marker("cost")
+    fixtures = getattr(item, "_fixtureinfo", None)
+    names = set(fixtures.name2fixturedefs) & set(FIXTURE_COST) if fixtures else set()
+    if "run" in names and item.module.__name__.rpartition(".")[2] != "test_image_encoder":
+        names.discard("run")
+    return (float(mark.args[0]) if mark else 1.0), names
+
+
+def longest_first(items: list) -> list:
+    """The tests in order of their scope's cost, the costliest scope first; within a scope, and between scopes of
+    equal cost, collection order. With `--no-loadscope-reorder` xdist hands out scopes in this order."""
+    own: dict[str, float] = {}
+    fixtures: dict[str, set[str]] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        scope = item_scope(item)
+        cost, names = item_cost(item)
+        own[scope] = own.get(scope, 0.0) + cost
+        fixtures.setdefault(scope, set()).update(names)
+        first.setdefault(scope, i)
+    total = {s: own[s] + sum(FIXTURE_COST[f] for f in fixtures[s]) for s in own}
+    return sorted(items, key=lambda it: (-total[item_scope(it)], first[item_scope(it)]))
 
 
 from harness import (TWO_TASKS, VENV_BIN, env, free_port, pld, process, smoke_overrides, trigger,  # noqa: E402

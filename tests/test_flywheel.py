@@ -247,6 +247,7 @@ def test_rerun_skips_every_stage(smoke_run):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp / "data" / "figures").iterdir()} == figures  # nor redrawn
 
 
+@pytest.mark.cost(800)  # seconds (conftest.longest_first)
 def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_path):
     """Three iterations through `dvc repro` at smoke scale, dvc.yaml written by `pld pipeline`. The smoke base v1
     is distilled for 20 steps and never succeeds, so flywheel.keep_failures keeps every episode: each stage of
@@ -316,6 +317,7 @@ def test_a_rebuilt_base_gets_a_new_registry_version_and_lineage_reads_it(tmp_pat
     assert client.get_model_version_by_alias("m", "newest").version == second
 
 
+@pytest.mark.cost(240)  # seconds (conftest.longest_first)
 def test_default_profile_shape_at_smoke_budgets(tmp_path):
     """The default profile as `make flywheel` runs it (its five tasks, base v0 trained from scripted demos, its
     stages, task runner and collect workers), with every budget cut to the bone. A base trained for 10 steps
