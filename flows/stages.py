@@ -36,6 +36,9 @@ def call_stage(name: str, params: Params, k: int = 0, task: int | None = None, f
         if b.path:
             from tasks import adopt_base
             return adopt_base.run(params, out, force=force)
+        if b.steps == 0:  # the policy at initialisation (a random pi0.5): nothing trained
+            from tasks import init_base
+            return init_base.run(params, out, output_dir("base_v0_dataset", layout, params), force=force)
         from tasks import sft
         return sft.run(params, out, output_dir("base_v0_dataset", layout, params), init=dict(b.policy),
                        steps=b.steps, batch_size=b.batch_size, lr=b.lr, force=force)

@@ -131,6 +131,11 @@ def cmd_bench(args) -> int:
         from bench import perf
 
         return _bench_result(perf.bench_overhead(args.params, profile=args.profile or "smoke", root=args.root, log=_stderr), args.out)
+    if args.bench == "pi05-tiny":
+        from bench.pi05 import bench_pi05_tiny
+
+        out = args.out or "bench/results/pi05-tiny.json"
+        return _bench_result(bench_pi05_tiny(args.params, profile=args.profile or "pi05-tiny", root=args.root, log=_stderr), out)
     if args.bench in ("loop", "replay", "collect"):
         from bench import perf
         from pld_core.config import load_params, parse_overrides
@@ -306,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_store)
 
     b = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
-    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect", "overhead", "sft-control"])
+    b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect", "overhead", "sft-control",
+                                          "pi05-tiny"])
     b.add_argument("--suite", default="libero_object")
     b.add_argument("--tasks", default="all")
     b.add_argument("--task", type=int, default=0)
@@ -319,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "for `loop`/`collect` (default: scripted:noise=0.6)")
     b.add_argument("--out")
     b.add_argument("--trials", type=int, default=20, help="`faults`: kill-and-rerun trials (stages round-robin)")
-    b.add_argument("--root", default=None, help="`faults`: scratch dir (default <data_dir>/faults); `overhead`: (default data/bench_overhead, wiped)")
+    b.add_argument("--root", default=None, help="`faults`: scratch dir (default <data_dir>/faults); `overhead`: (default data/bench_overhead, wiped); `pi05-tiny`: (default data/bench_pi05_tiny, wiped)")
     b.add_argument("--seed", type=int, default=0, help="`faults`: seed of the kill moments")
     b.add_argument("--seconds", type=float, default=None,
                    help="`loop`: seconds per measurement (default 60); `replay`: in all (default 20)")

@@ -35,6 +35,8 @@ CONFIG_FILE = "config.json"
 PROCESSOR_FILES = ("policy_preprocessor.json", "policy_postprocessor.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# built on LeRobot's PaliGemma: pld_core.pi05.patch_lerobot sizes a gemma_300m VLM's image projector
+PI_TYPES = ("pi0", "pi05", "pi0_fast")
 # methods that run the model to refill the action queue (smolvla uses the private one)
 _CHUNK_METHODS = ("predict_action_chunk", "_get_action_chunk")
 
@@ -154,6 +156,31 @@ def _check_weights(ckpt: Path, policy) -> None:
         log.warning("checkpoint %s: %d tensors not in %s (left at init): %s", ckpt, len(missing), WEIGHTS_FILE, sorted(missing)[:5])
 
 
+def _check_loaded(ckpt: Path, policy, samples: int = 8) -> None:
+    """For a policy class with its own from_pretrained: that the weights were loaded, not just the keys found.
+    pi0 and pi0.5 print a load error (a shape mismatch, an unreadable file) and return the model at random
+    init; so every shared tensor's shape is compared, and the values of ``samples`` of them, spread over the model."""
+    import torch
+    from safetensors import safe_open
+
+    state = policy.state_dict()
+    with safe_open(str(ckpt / WEIGHTS_FILE), framework="pt") as f:
+        shared = [k for k in f.keys() if k in state]
+        for k in shared:
+            shape = tuple(f.get_slice(k).get_shape())
+            if shape != tuple(state[k].shape):
+                raise _fail(ckpt, f"tensor '{k}' in {WEIGHTS_FILE} has shape {shape}, the model built from "
+                            f"{CONFIG_FILE} has {tuple(state[k].shape)}, so the weights were not loaded",
+                            "use the config.json saved with these weights (for a gemma_300m pi0.5, load it "
+                            "through pld, which sizes the image projector to the language model)")
+        step = max(1, len(shared) // samples)
+        for k in shared[::step]:
+            if not torch.equal(f.get_tensor(k).to(state[k].dtype), state[k].detach().cpu()):
+                raise _fail(ckpt, f"tensor '{k}' of the loaded model differs from {WEIGHTS_FILE}: the policy "
+                            "class did not load the weights (see its printed load error)",
+                            "check that the checkpoint's files belong together (config.json, model.safetensors)")
+
+
 # --------------------------------------------------------------------------------- adapter
 def require_device(device: str, who: str) -> None:
     """One clear error when CUDA is asked for on a machine without it."""
@@ -216,6 +243,10 @@ class BasePolicy:
             raise _fail(ckpt, f"{CONFIG_FILE} does not parse as a '{raw['type']}' config ({type(e).__name__}: {e})",
                         "use a checkpoint written by LeRobot 0.6") from e
         config.device = device
+        if config.type in PI_TYPES:
+            from pld_core.pi05 import patch_lerobot
+
+            patch_lerobot()
         try:
             policy_cls = get_policy_class(config.type)
             policy = policy_cls.from_pretrained(ckpt, config=config)
@@ -223,6 +254,10 @@ class BasePolicy:
             raise _fail(ckpt, f"the '{config.type}' policy cannot be built from it ({type(e).__name__}: {e})",
                         "check the weights match config.json, and that the policy's extra is installed") from e
         _check_weights(ckpt, policy)
+        from lerobot.policies.pretrained import PreTrainedPolicy
+
+        if policy_cls.from_pretrained.__func__ is not PreTrainedPolicy.from_pretrained.__func__:
+            _check_loaded(ckpt, policy)
         # move the saved pipelines' device step (trained on a GPU, say) to ours; LeRobot
         # rejects overrides for steps a pipeline does not have
         overrides = []

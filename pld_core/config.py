@@ -53,7 +53,13 @@ class BaseParams(Section):
 
     path: str | None = None
     policy: dict[str, Any] = Field(default_factory=lambda: {"type": "act"})
-    steps: int = Field(2000, gt=0)
+    # 0: base v0 is the policy at initialisation, with the demos' normalization statistics: a plumbing check of a
+    # base too large to train here (a random pi0.5, profile pi05-tiny)
+    steps: int = Field(2000, ge=0)
+    # the tokenizer of base v0's processor, for policies that tokenize the instruction (pi0, pi0.5, smolvla):
+    # null: the one LeRobot names (a hub id, e.g. google/paligemma-3b-pt-224); a local dir or hub id; or
+    # "stand-in": a word-level tokenizer built from the suite's instructions (a random base only; nothing fetched)
+    tokenizer: str | None = None
     batch_size: int = Field(64, gt=0)
     lr: float | None = Field(None, gt=0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pld_core.base_policy import PI_TYPES
 from pld_core.errors import PLDError
 
 LORA_KEYS = {"r", "lora_alpha", "target_modules", "full_training_modules", "method_type", "init_type"}
@@ -45,6 +46,10 @@ def merge_lora(adapter_dir: Path, base_dir: Path, out_dir: Path, device: str = "
 
     config = PreTrainedConfig.from_pretrained(base_dir)
     config.device = device
+    if config.type in PI_TYPES:
+        from pld_core.pi05 import patch_lerobot
+
+        patch_lerobot()
     base = get_policy_class(config.type).from_pretrained(base_dir, config=config)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.config.use_peft = False

@@ -44,7 +44,8 @@ smolvla, wall_x and molmoact2 define default target modules; for other types (AC
 only the adapter; ``sft`` merges it into the base weights (``merge_and_unload``) so the output is a
 full checkpoint again, with the adapter kept in ``pretrained_model/lora_adapter/``.
 
-pi0.5 (the GPU path; not feasible on CPU: 19 GB and minutes per chunk here): run the flywheel in ``images``
+pi0.5 (the GPU path; at full size 19 GB and minutes per chunk on a CPU; profile ``pi05-tiny`` runs a random gemma_300m
+one here, through ``python -m pld_core.train``, see ``pld_core/pi05.py``): run the flywheel in ``images``
 mode (its inputs are ``observation.images.image`` / ``image2`` + ``observation.state`` + the
 task text); pi0.5 normalizes state and action with QUANTILES, so the dataset must carry q01/q99
 (``augment_quantiles``) whenever the statistics come from the dataset (``norm_stats="dataset"`` or
@@ -66,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from pld_core.base_policy import read_checkpoint_config, require_device, resolve_checkpoint
+from pld_core.base_policy import PI_TYPES, read_checkpoint_config, require_device, resolve_checkpoint
 from pld_core.artifacts import replace_dir
 from pld_core.errors import PLDError
 from pld_core.lora import lora_options, merge_lora
@@ -76,6 +77,7 @@ log = logging.getLogger(__name__)
 NORM_STATS_MODES = ("base", "dataset")
 QUANTILE_MODES = {"QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
 TRAIN_MODULE = "lerobot.scripts.lerobot_train"
+PATCHED_TRAIN_MODULE = "pld_core.train"  # the same trainer, for pi0/pi0.5 with pld_core.pi05.patch_lerobot applied
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -339,9 +341,10 @@ def sft(
         env.setdefault("WANDB_MODE", "disabled")
         if num_threads:
             env |= {"OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads)}
+        module = PATCHED_TRAIN_MODULE if ptype in PI_TYPES else TRAIN_MODULE
         common = [f"--steps={steps}", f"--save_freq={save_freq}", f"--log_freq={log_freq}"]
         if last is None:
-            cmd = [sys.executable, "-m", TRAIN_MODULE,
+            cmd = [sys.executable, "-m", module,
                    f"--dataset.repo_id={repo_id}", f"--dataset.root={data_root}",
                    *policy_args, f"--policy.device={device}", "--policy.push_to_hub=false",
                    f"--batch_size={batch_size}", f"--num_workers={num_workers}", f"--seed={seed}",
@@ -349,7 +352,7 @@ def sft(
                    *common, *peft_args]
         else:
             cfg_path = train_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
-            cmd = [sys.executable, "-m", TRAIN_MODULE, f"--config_path={cfg_path}", "--resume=true", *common]
+            cmd = [sys.executable, "-m", module, f"--config_path={cfg_path}", "--resume=true", *common]
             log.info("sft: resuming %s from step %d of %d", train_dir, last, steps)
 
         t0 = time.time()
@@ -403,6 +406,55 @@ def _publish(tmp: Path, train_dir: Path, out_dir: Path, request: dict, steps: in
     replace_dir(stage, out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "pretrained_model"
+
+
+def init_policy(dataset_root: Path, policy: dict, out_dir: Path, tokenizer: str | Path | None = None,
+                tokenizer_as: str | Path | None = None, device: str = "cpu") -> Path:
+    """A LeRobot checkpoint of ``policy`` (a config dict) at initialisation, with the dataset's features and
+    normalization statistics: ``out_dir/pretrained_model``. No training: base v0 with ``base.steps: 0``, for a base
+    too large to train here (a random pi0.5). ``tokenizer``: what the processor's tokenizer step loads instead of
+    the name LeRobot hard-codes (a local dir or hub id); ``tokenizer_as``: the path saved in the processor's JSON
+    instead, where the tokenizer will live once ``out_dir`` is moved into place."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy, make_policy_config, make_pre_post_processors
+
+    from pld_core.pi05 import local_tokenizer, patch_lerobot
+
+    dataset_root, out_dir = Path(dataset_root), Path(out_dir)
+    info = _dataset_info(dataset_root)
+    pcfg = dict(policy)
+    ptype = pcfg.pop("type", None)
+    if not ptype:
+        raise PLDError("base policy config has no 'type'. Fix: params.yaml base.policy.type, e.g. pi05")
+    if ptype in PI_TYPES:
+        patch_lerobot()
+    try:
+        cfg = make_policy_config(ptype, **{k: tuple(v) if isinstance(v, list) else v for k, v in pcfg.items()}, device=device)
+    except (TypeError, ValueError) as e:
+        raise PLDError(f"base policy config {policy} is invalid for type '{ptype}' ({e}). "
+                       "Fix: use the field names of LeRobot's config class for that type (params.yaml base.policy)") from e
+    _check_quantiles(dataset_root, {k: str(v) for k, v in cfg.normalization_mapping.items()}, _feature_types(info))
+    meta = LeRobotDatasetMetadata(info.get("repo_id", "local/pld"), root=dataset_root)
+    model = make_policy(cfg, ds_meta=meta)
+    try:
+        with local_tokenizer(tokenizer):
+            pre, post = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    except OSError as e:
+        raise PLDError(f"base policy '{ptype}': its processor's tokenizer cannot be loaded ({e}). Fix: params.yaml "
+                       "base.tokenizer: a local tokenizer dir, or 'stand-in' (a random base only)") from e
+    ckpt = out_dir / "pretrained_model"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(ckpt)
+    pre.save_pretrained(ckpt)
+    post.save_pretrained(ckpt)
+    if tokenizer_as is not None:  # the processor names the tokenizer where it will be found
+        pre_file = ckpt / "policy_preprocessor.json"
+        pipe = json.loads(pre_file.read_text())
+        for step in pipe.get("steps", []):
+            if step.get("config", {}).get("tokenizer_name") is not None:
+                step["config"]["tokenizer_name"] = str(tokenizer_as)
+        pre_file.write_text(json.dumps(pipe, indent=4))
+    return ckpt
 
 
 def _lock(out_dir: Path):
