@@ -294,8 +294,8 @@ def bench_collect(params: Params, workers: int = 2, episodes: int = 8, suite: st
 
 
 # ----------------------------------------------------------------------------- overhead
-def _manifests(root: Path, exclude: Path | None = None) -> list[dict]:
-    """Every stage manifest under ``root`` (sorted by path): where, which stage, its compute time.
+def stage_manifests(root: Path, exclude: Path | None = None) -> list[dict]:
+    """Every stage manifest under ``root`` (sorted by path): where, which stage, its compute time, its metrics.
     ``exclude``: a folder whose copies do not count (MLflow's artifact store keeps a copy of each
     registered checkpoint, manifest included)."""
     out = []
@@ -305,7 +305,7 @@ def _manifests(root: Path, exclude: Path | None = None) -> list[dict]:
         m = read_manifest(f.parent)
         if isinstance(m, dict) and "stage" in m and "key" in m:
             out.append({"dir": str(f.parent.relative_to(root)), "stage": m["stage"], "compute_seconds": m.get("compute_seconds"),
-                        "finished_at": m.get("finished_at"), "key": m["key"]})
+                        "finished_at": m.get("finished_at"), "key": m["key"], "metrics": m.get("metrics") or {}})
     return out
 
 
@@ -345,13 +345,13 @@ def bench_overhead(params_path: str | Path = "params.yaml", profile: str = "smok
 
     log(f"bench overhead: pld flywheel --profile {profile} in {data} (fresh)")
     wall = _run_flywheel(cmd, project, log)
-    first = _manifests(data, exclude=data / "mlartifacts")
+    first = stage_manifests(data, exclude=data / "mlartifacts")
     if not first:
         raise PLDError(f"bench overhead: no stage manifest under {data} after the flywheel ran")
     compute = sum(m["compute_seconds"] or 0.0 for m in first)
     log("bench overhead: cached rerun")
     cached = _run_flywheel(cmd, project, log)
-    second = _manifests(data, exclude=data / "mlartifacts")
+    second = stage_manifests(data, exclude=data / "mlartifacts")
     rebuilt = [m["dir"] for m, n in zip(first, second) if m["finished_at"] != n["finished_at"]]
     per_stage: dict[str, float] = {}
     for m in first:  # by output dir: evaluate_v0 and evaluate are one stage function with two outputs

@@ -12,7 +12,6 @@ served by one copy, ``flywheel.batch_base``).
 from __future__ import annotations
 
 import calendar
-import json
 import os
 import resource
 import shutil
@@ -67,27 +66,26 @@ def _epoch(ts: str) -> float:
 
 
 def stage_table(data: Path, samples: list[tuple[float, int]]) -> list[dict]:
-    """Per stage manifest under ``data``: its compute seconds and the peak tree RSS sampled within it."""
-    from pld_core.artifacts import MANIFEST, read_manifest
+    """One row per stage manifest under ``data`` (MLflow's copies left out), in the order the stages ran: its
+    compute seconds, the peak tree RSS sampled while it computed, and seconds per training step where it trained.
+    A stage computed from ``finished_at - compute_seconds`` to ``finished_at``; ``finished_at`` has whole seconds,
+    so the window takes one second of slack on each side."""
+    from bench.perf import stage_manifests
 
+    slack = 1.0
     rows = []
-    for f in sorted(data.rglob(MANIFEST)):
-        if (data / "mlartifacts") in f.parents:
-            continue
-        m = read_manifest(f.parent)
-        if not isinstance(m, dict) or "stage" not in m:
-            continue
-        end = _epoch(m["finished_at"]) + 1.0  # finished_at has whole seconds
-        start = end - 1.0 - float(m.get("compute_seconds") or 0.0) - 1.0
+    for m in stage_manifests(data, exclude=data / "mlartifacts"):
+        compute = float(m["compute_seconds"] or 0.0)
+        finished = _epoch(m["finished_at"])
+        start, end = finished - compute - slack, finished + slack
         inside = [rss for t, rss in samples if start <= t <= end]
-        metrics = m.get("metrics") or {}
-        rows.append({"stage": m["stage"], "dir": str(f.parent.relative_to(data)), "start": start,
-                     "compute_s": round(float(m.get("compute_seconds") or 0.0), 1),
+        step = m["metrics"].get("train_step_s")
+        rows.append({"stage": m["stage"], "dir": m["dir"], "compute_s": round(compute, 1),
                      "peak_rss_gb": round(max(inside) / 2**30, 2) if inside else None,
-                     **({"train_step_s": round(metrics["train_step_s"], 2)} if metrics.get("train_step_s") else {})})
-    rows.sort(key=lambda r: r["start"])
+                     **({"train_step_s": round(step, 2)} if step else {}), "_start": start})
+    rows.sort(key=lambda r: r["_start"])
     for r in rows:
-        r.pop("start")
+        del r["_start"]
     return rows
 
 

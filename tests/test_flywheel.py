@@ -41,9 +41,9 @@ def test_smoke_flywheel_through_prefect_and_dask(smoke_run, dask_cluster):
     assert (data / "iter_0/base_next/pretrained_model/model.safetensors").exists()
     assert (data / "figures" / "success_over_versions.png").exists()
     # every stage times its own work (what `pld bench overhead` sets against the wall time)
-    from bench.perf import _manifests
+    from bench.perf import stage_manifests
 
-    ms = _manifests(data)
+    ms = stage_manifests(data)
     assert len(ms) == len(stages) and all(m["compute_seconds"] is not None and m["compute_seconds"] >= 0 for m in ms), ms
     worked = [m for m in ms if "libero_object-1" not in m["dir"]]  # task 1's stages only record that they had no data
     assert all(m["compute_seconds"] > 0.5 for m in worked if m["stage"] in ("train_residual", "collect_pld", "sft", "evaluate")), ms
@@ -135,9 +135,9 @@ def test_every_version_has_its_record(smoke_run):
     assert t0["specialist_final_success_rate"] == metrics["iter_0/libero_object-0/residual"]["final_success_rate"]
     assert t0["pld_episodes_kept"] == metrics["iter_0/pld/libero_object-0"]["episodes"] == 2 and not t0["no_data"]
     assert t1["no_data"] and "succeeded in 0 of 6 episodes" in t1["reason"] and t1["offline_successes"] == 0
-    from bench.perf import _manifests
+    from bench.perf import stage_manifests
 
-    it0 = {m["dir"]: m["compute_seconds"] for m in _manifests(data) if m["dir"].startswith("iter_0/")}
+    it0 = {m["dir"]: m["compute_seconds"] for m in stage_manifests(data) if m["dir"].startswith("iter_0/")}
     assert set(v1["stage_seconds"]) == set(it0) and len(it0) == 12  # 4 stages x 2 tasks + convert, augment, sft, eval
     assert all(v1["stage_seconds"][d] == round(it0[d], 1) for d in it0)
     assert v1["compute_seconds"] == round(sum(v1["stage_seconds"].values()), 1)
