@@ -24,7 +24,7 @@ from pld_core.base_policy import BasePolicy
 from pld_core.base_server import BaseServer
 from pld_core.dataset import augment_quantiles, convert_stores
 from pld_core.errors import PLDError
-from pld_core.pi05 import stand_in_tokenizer
+from pld_core.pi05 import load_streaming, stand_in_tokenizer
 from pld_core.sft import init_policy, sft
 
 PI05_TINY = {"type": "pi05", "paligemma_variant": "gemma_300m", "action_expert_variant": "gemma_300m",
@@ -62,6 +62,11 @@ def test_random_pi05_serves_a_chunk_trains_a_lora_step_merges_and_loads_back(tmp
 
     # ---- the served chunk: two instructions in one forward pass, through the local tokenizer
     base = BasePolicy.load(v0, "images", env_state_dim=ENV_DIM)
+    assert base.policy._pld_streamed  # built without random init, filled from the file: every tensor it holds
+    state = base.policy.state_dict()
+    with safe_open(str(v0 / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) <= set(state) and all(torch.equal(state[k], f.get_tensor(k)) for k in f.keys())
+    del state
     step = next(s for s in base.preprocessor.steps if hasattr(s, "input_tokenizer"))
     ids = step.input_tokenizer(TASKS)["input_ids"]
     assert all(step.input_tokenizer.unk_token_id not in row for row in ids)  # every instruction word is known
@@ -118,3 +123,41 @@ def test_pi05_weights_that_do_not_load_are_refused(tmp_path):
         _check_loaded(ckpt, Stub({"model.a": torch.ones(8, 3), "model.b": torch.zeros(2)}))
     with pytest.raises(PLDError, match=r"differs from model\.safetensors"):
         _check_loaded(ckpt, Stub({"model.a": torch.full((4, 3), 0.5), "model.b": torch.zeros(2)}), samples=2)
+
+
+class _Tied(torch.nn.Module):
+    """A stand-in with pi0.5's load-relevant traits: built from a config, a tied pair, a non-persistent buffer."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.proj = torch.nn.Linear(3, 3)
+        self.register_buffer("freq", torch.arange(3.0), persistent=False)
+        torch.nn.init.normal_(self.proj.weight)
+
+
+def test_streaming_load_fills_every_tensor_and_refuses_what_it_cannot_fill(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _Tied(None)
+    full = {k: v.detach().clone() for k, v in src.state_dict().items()}
+
+    def ckpt(name, tensors):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"))
+        return d
+
+    one_tied = {k: v for k, v in full.items() if k != "head.weight"}  # what safetensors keeps of a tied pair
+    m = load_streaming(_Tied, ckpt("tied", one_tied), config=object())
+    assert m._pld_streamed and m.head.weight is m.embed.weight
+    for k, v in full.items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert torch.equal(m.freq, torch.arange(3.0))  # built, not loaded
+
+    assert load_streaming(_Tied, ckpt("full", full), config=object()) is not None
+    assert load_streaming(_Tied, ckpt("extra", {**full, "other.weight": torch.ones(2)}), config=object()) is None
+    assert load_streaming(_Tied, ckpt("short", {k: v for k, v in full.items() if k != "proj.bias"}), config=object()) is None
+    assert load_streaming(_Tied, "lerobot/pi05_base", config=object()) is None  # a hub id: LeRobot's own path
