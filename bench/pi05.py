@@ -124,6 +124,74 @@ def model_call_cost(ckpt: Path, mode: str, env_state_dim: int, image_size: int, 
     return out
 
 
+class _AnonPeak:
+    """The peak of this process's anonymous resident memory (``RssAnon``), sampled every 0.2 s while active: the
+    memory a load really holds; ``ru_maxrss`` also counts the memory-mapped file's pages (page cache)."""
+
+    def __enter__(self):
+        self.peak, self._done = 0, threading.Event()
+
+        def sample():
+            while not self._done.is_set():
+                with open("/proc/self/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+                self._done.wait(0.2)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+
+def _digest(model) -> dict[str, str]:
+    import hashlib
+
+    import torch
+
+    out = {}
+    for k, v in [*model.state_dict().items(), *(("buffer:" + k, b) for k, b in model.named_buffers())]:
+        flat = v.detach().reshape(-1).contiguous()
+        out[k] = f"{v.dtype}{tuple(v.shape)}" + hashlib.sha1(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def load_comparison(ckpt: Path) -> dict:
+    """A pi-family checkpoint loaded by :func:`pld_core.pi05.load_streaming` and by LeRobot's own
+    ``from_pretrained``, one after the other in this process: seconds, anonymous-memory peak, and whether every
+    tensor and buffer (non-persistent ones included) is byte-identical."""
+    import gc
+
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class
+
+    from pld_core.pi05 import patch_lerobot
+
+    patch_lerobot()
+    ckpt = Path(ckpt)
+    cls = get_policy_class(PreTrainedConfig.from_pretrained(ckpt).type)
+    out, digests = {}, {}
+    for name, load in (("streaming", cls.from_pretrained), ("lerobot", cls._pld_lerobot_from_pretrained)):
+        gc.collect()
+        with _AnonPeak() as peak:
+            t0 = time.perf_counter()
+            model = load(ckpt, config=PreTrainedConfig.from_pretrained(ckpt))
+            seconds = time.perf_counter() - t0
+        if name == "streaming" and not getattr(model, "_pld_streamed", False):
+            raise PLDError(f"bench pi05-load: {ckpt} did not take the streaming path (its tensor names are not the model's own)")
+        digests[name] = _digest(model)
+        out[name] = {"load_s": round(seconds, 1), "peak_anon_gb": round(peak.peak / 2**30, 2)}
+        del model
+    out["speedup"] = round(out["lerobot"]["load_s"] / max(out["streaming"]["load_s"], 1e-9), 2)
+    out["tensors"] = len(digests["streaming"])
+    out["identical"] = digests["streaming"] == digests["lerobot"]
+    return out
+
+
 def bench_pi05_tiny(params_path: str | Path = "params.yaml", profile: str = "pi05-tiny", root: str | Path | None = None,
                     log=print) -> dict:
     from pld_core.config import load_params
@@ -153,6 +221,8 @@ def bench_pi05_tiny(params_path: str | Path = "params.yaml", profile: str = "pi0
     v0 = data / "base_v0" / "pretrained_model"
     log("bench pi05-tiny: model call cost of base v0")
     calls = model_call_cost(v0, params.env.mode, env_state_dim(params.env.suite, params.env.max_objects), params.env.image_size)
+    log("bench pi05-tiny: base v0 loaded by streaming and by LeRobot's from_pretrained")
+    loads = load_comparison(v0)
     sft_rows = [r for r in rows if r["stage"] == "sft"]
     return {
         "profile": profile,
@@ -163,6 +233,7 @@ def bench_pi05_tiny(params_path: str | Path = "params.yaml", profile: str = "pi0
         "stages": rows,
         "sft_step_s": sft_rows[0].get("train_step_s") if sft_rows else None,
         "model_call": calls,
+        "load": loads,
         "data_dir": str(data),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip() or None,
         "threads": os.environ.get("OMP_NUM_THREADS"),

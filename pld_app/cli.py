@@ -136,6 +136,13 @@ def cmd_bench(args) -> int:
 
         out = args.out or "bench/results/pi05-tiny.json"
         return _bench_result(bench_pi05_tiny(args.params, profile=args.profile or "pi05-tiny", root=args.root, log=_stderr), out)
+    if args.bench == "pi05-load":
+        from bench.pi05 import load_comparison
+
+        if not args.ckpt:
+            raise PLDError("bench pi05-load: --ckpt is required: a local pi0/pi0.5 pretrained_model dir "
+                           "(e.g. data/pi05-tiny/base_v0/pretrained_model)")
+        return _bench_result({"ckpt": args.ckpt, **load_comparison(Path(args.ckpt))}, args.out or "bench/results/pi05-load.json")
     if args.bench in ("loop", "replay", "collect"):
         from bench import perf
         from pld_core.config import load_params, parse_overrides
@@ -312,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (see bench/README.md)")
     b.add_argument("bench", choices=["expert", "specialist", "faults", "loop", "replay", "collect", "overhead", "sft-control",
-                                          "pi05-tiny"])
+                                          "pi05-tiny", "pi05-load"])
     b.add_argument("--suite", default="libero_object")
     b.add_argument("--tasks", default="all")
     b.add_argument("--task", type=int, default=0)
@@ -323,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", help="override a param: --set residual.env_steps=50000")
     b.add_argument("--base", default=None, help="base policy for `specialist` (default: base.path or data/base_v0/pretrained_model); "
                    "for `loop`/`collect` (default: scripted:noise=0.6)")
+    b.add_argument("--ckpt", help="`pi05-load`: a local pi-family pretrained_model dir")
     b.add_argument("--out")
     b.add_argument("--trials", type=int, default=20, help="`faults`: kill-and-rerun trials (stages round-robin)")
     b.add_argument("--root", default=None, help="`faults`: scratch dir (default <data_dir>/faults); `overhead`: (default data/bench_overhead, wiped); `pi05-tiny`: (default data/bench_pi05_tiny, wiped)")
