@@ -16,9 +16,11 @@ checkpoint asks for.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +215,26 @@ class BasePolicy:
                 setattr(policy, name, self._counted(getattr(policy, name)))
 
     def _counted(self, fn):
-        """Observe the chunk-prediction method: a real forward pass happens inside it."""
+        """Observe the chunk-prediction method: a real forward pass happens inside it.
+
+        The wrapper is stored on the policy, so it holds the policy and this adapter only weakly: strong
+        references would make a cycle (policy -> wrapper -> bound method -> policy) that only the cyclic
+        garbage collector frees, and a process that loads one base per stage (a flywheel's) would then hold
+        several copies (7.4 GB each for a tiny pi0.5) until it happens to run."""
+        owner = weakref.ref(self)
+        if inspect.ismethod(fn):
+            func, target = fn.__func__, weakref.ref(fn.__self__)
+
+            def call(*args, **kwargs):
+                return func(target(), *args, **kwargs)
+        else:
+            call = fn
+
         def wrapper(*args, **kwargs):
-            self._called = True  # nested or repeated calls within one act() count once
-            return fn(*args, **kwargs)
+            me = owner()
+            if me is not None:
+                me._called = True  # nested or repeated calls within one act() count once
+            return call(*args, **kwargs)
         return wrapper
 
     # ------------------------------------------------------------------------- loading

@@ -14,6 +14,7 @@ Every manifest has the same fields: ``stage``, ``key``, ``params``, ``inputs``, 
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 import time
@@ -57,6 +58,9 @@ def run_stage(stage: str, out_dir: Path, params_used: dict, inputs: dict, build:
         metrics = build(tmp) or {}
         (tmp / RUN_KEY).unlink(missing_ok=True)
         finish_manifest(tmp, stage, key, params_used, inputs, metrics, compute_seconds=time.perf_counter() - t0)
+    # whatever the build left in reference cycles (a model, a replay buffer) goes now, not when the collector
+    # happens to run: a flywheel process builds stage after stage, each may load a multi-GB base
+    gc.collect()
     m = read_manifest(out_dir)
     m["skipped"] = False
     return m

@@ -321,6 +321,18 @@ def test_chunk_queue_calls_model_every_n_action_steps(tiny_ckpt):
         for _ in range(k + 1):
             want = post(ref.select_action(pre(bp.build_batch(obs)))).numpy().reshape(-1)
             np.testing.assert_allclose(bp.act(obs), want, atol=1e-5)
+    # the call counter sits on the model, so it holds the adapter and the model weakly: the adapter goes with
+    # its last reference, not at the next cyclic collection (regression seen red: the counter's closure held both)
+    import gc
+    import weakref
+
+    gone = weakref.ref(bp)
+    gc.disable()
+    try:
+        del bp
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_observation_mapping_and_images_mode(tmp_path):
