@@ -38,12 +38,32 @@ def lora_options(lora: dict, init_is_ckpt: bool, policy_type: str) -> dict:
     return {"method_type": "LORA", **lora}
 
 
+MERGE_SPACE_MARGIN = 256 * 2**20  # bytes beyond the weights: processors, configs, the adapter
+
+
+def check_merge_space(base_dir: Path, out_dir: Path, what: str = "sft lora") -> int:
+    """Refuse, before any work, a merge that the disk cannot hold: merging writes a full checkpoint as large as the
+    base's ``model.safetensors`` (7.8 GB for a gemma_300m pi0.5) under ``out_dir``. Returns the bytes needed."""
+    weights = Path(base_dir) / "model.safetensors"
+    need = (weights.stat().st_size if weights.is_file() else 0) + MERGE_SPACE_MARGIN
+    where = Path(out_dir)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise PLDError(f"{what}: merging the adapter writes a full checkpoint of {need / 1e9:.1f} GB (the size of "
+                       f"{weights}) under {where}, which has {free / 1e9:.1f} GB free. Fix: free disk space there, "
+                       "or put the data dir on a larger disk")
+    return need
+
+
 def merge_lora(adapter_dir: Path, base_dir: Path, out_dir: Path, device: str = "cpu") -> Path:
     """Merge a LeRobot PEFT adapter into its base weights: a full pretrained_model dir at out_dir."""
     from lerobot.configs import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class
     from peft import PeftModel
 
+    check_merge_space(base_dir, out_dir, "merge_lora")
     config = PreTrainedConfig.from_pretrained(base_dir)
     config.device = device
     if config.type in PI_TYPES:

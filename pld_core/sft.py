@@ -70,7 +70,7 @@ from pathlib import Path
 from pld_core.base_policy import PI_TYPES, read_checkpoint_config, require_device, resolve_checkpoint
 from pld_core.artifacts import replace_dir
 from pld_core.errors import PLDError
-from pld_core.lora import lora_options, merge_lora
+from pld_core.lora import check_merge_space, lora_options, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +310,7 @@ def sft(
     peft_args: list[str] = []
     if lora:
         peft = lora_options(lora, not isinstance(init, dict), ptype)
+        check_merge_space(ckpt, out_dir)  # before training, not after it
         peft_args = [f"--peft.{k}={_cli_value(v)}" for k, v in peft.items()]
 
     request = {"dataset_root": str(dataset_root), "dataset_frames": info.get("total_frames"),

@@ -425,6 +425,19 @@ def test_load_hub_id_fails_fast_offline(tmp_path, monkeypatch):
     assert time.time() - t0 < 30
 
 
+def test_sft_lora_is_refused_before_training_when_the_disk_cannot_hold_the_merge(tiny_ckpt, datasets, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(real(p).total, real(p).total - 10**6, 10**6))
+    with pytest.raises(PLDError, match=r"sft lora: merging the adapter writes a full checkpoint of 0\.3 GB .* has 0\.0 GB free"):
+        sft(datasets["state"], "local/ds_state", tmp_path / "o", tiny_ckpt, steps=1, batch_size=2, num_threads=1,
+            lora={"r": 4, "target_modules": r".*\.linear[12]"})
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".tmp-o").exists()  # refused before any work
+
+
 def test_sft_lora_merges_adapter_into_a_full_checkpoint(tiny_ckpt, datasets, tmp_path):
     # rank-4 LoRA on ACT's feed-forward layers (ACT has no default PEFT targets); pi0.5 uses r=32
     new = sft(datasets["state"], "local/ds_state", tmp_path / "lora_v1", tiny_ckpt, steps=3, batch_size=4, lr=1e-2, seed=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -24,12 +25,14 @@ from pld_core.base_policy import BasePolicy
 from pld_core.base_server import BaseServer
 from pld_core.dataset import augment_quantiles, convert_stores
 from pld_core.errors import PLDError
+from pld_core.lora import check_merge_space
 from pld_core.pi05 import load_streaming, stand_in_tokenizer
 from pld_core.sft import init_policy, sft
 
 PI05_TINY = {"type": "pi05", "paligemma_variant": "gemma_300m", "action_expert_variant": "gemma_300m",
              "image_resolution": [56, 56], "chunk_size": 10, "n_action_steps": 10, "num_inference_steps": 2,
              "tokenizer_max_length": 48, "scheduler_warmup_steps": 1}
+CHECKPOINT_BYTES = 7.8e9  # PI05_TINY's model.safetensors: 1.945 B float32 parameters
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +55,19 @@ def _tensor(ckpt, key):
 
 @pytest.mark.cost(420)  # seconds (conftest.longest_first)
 def test_random_pi05_serves_a_chunk_trains_a_lora_step_merges_and_loads_back(tmp_path):
+    """Needs two full checkpoints on disk at once (v0, and v1 as the merge writes it): it is skipped, saying so,
+    where the disk cannot hold them, and deletes both when it ends, so that the rest of the suite has the space."""
+    free = shutil.disk_usage(tmp_path).free
+    if free < CHECKPOINT_BYTES:
+        pytest.skip(f"a random pi0.5 checkpoint takes {CHECKPOINT_BYTES / 1e9:.1f} GB; {tmp_path} has {free / 1e9:.1f} GB free")
+    try:
+        _serve_train_merge_reload(tmp_path)
+    finally:
+        for d in ("v0", "v1"):
+            shutil.rmtree(tmp_path / d, ignore_errors=True)
+
+
+def _serve_train_merge_reload(tmp_path):
     store = make_store(tmp_path / "img.zarr", n_episodes=2, length=12, images=True, seed=3)
     ds = convert_stores([store], tmp_path / "ds", "local/ds")
     augment_quantiles(ds)  # pi0.5 normalizes state and action with q01/q99
@@ -79,6 +95,10 @@ def test_random_pi05_serves_a_chunk_trains_a_lora_step_merges_and_loads_back(tmp
     gc.collect()
 
     # ---- one LoRA step through LeRobot's trainer, merged into a full checkpoint
+    try:
+        check_merge_space(v0, tmp_path / "v1")  # what sft checks before it trains
+    except PLDError as e:
+        pytest.skip(f"the served chunk passed; the LoRA step, merge and reload need the disk: {e}")
     v1 = sft(ds, "local/ds", tmp_path / "v1", str(v0), steps=1, batch_size=2, lr=1e-2, lora={"r": 4},
              num_threads=2, log_freq=1)
     info = json.loads((tmp_path / "v1" / "sft_info.json").read_text())
