@@ -248,6 +248,7 @@ def test_rerun_skips_every_stage(smoke_run):
 
 
 @pytest.mark.cost(800)  # seconds (conftest.longest_first)
+@pytest.mark.timeout(3600)  # 629 s on CI's machine, over 1500 s (make test's per-test limit) on a 3x slower one
 def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_path):
     """Three iterations through `dvc repro` at smoke scale, dvc.yaml written by `pld pipeline`. The smoke base v1
     is distilled for 20 steps and never succeeds, so flywheel.keep_failures keeps every episode: each stage of
