@@ -253,6 +253,8 @@ def sft(
     always saved); a rerun after a crash or ``timeout_s`` resumes from the newest checkpoint.
     ``num_threads``: CPU threads of the trainer (OMP/MKL); small models on shared cores train
     many times faster with 1 than with an oversubscribed default.
+    ``log_freq``: trainer log period in steps, capped at ``steps`` so that a run shorter than
+    one period still reports its loss and step time.
     """
     dataset_root, out_dir = Path(dataset_root).resolve(), Path(out_dir).resolve()
     if steps <= 0 or batch_size <= 0:
@@ -343,7 +345,7 @@ def sft(
         if num_threads:
             env |= {"OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads)}
         module = PATCHED_TRAIN_MODULE if ptype in PI_TYPES else TRAIN_MODULE
-        common = [f"--steps={steps}", f"--save_freq={save_freq}", f"--log_freq={log_freq}"]
+        common = [f"--steps={steps}", f"--save_freq={save_freq}", f"--log_freq={min(log_freq, steps)}"]
         if last is None:
             cmd = [sys.executable, "-m", module,
                    f"--dataset.repo_id={repo_id}", f"--dataset.root={data_root}",
