@@ -255,10 +255,11 @@ def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_
     every iteration runs on real input (one episode where the smoke profile has two). Every stage runs once, the
     second iteration fine-tunes the first one's base (its sft manifest's input is the first sft's output), a second
     repro runs nothing, and a changed evaluate.episodes reruns the three evaluations only (nothing reads them)."""
+    iterations = 2
     proj = tmp_path / "proj"
     proj.mkdir()
     r = pld("params", "--profile", "smoke", "--set", "flywheel.data_dir=data", "--set", "mlflow.tracking_uri=sqlite:///data/mlflow.db",
-            "--set", "flywheel.iterations=2", "--set", "flywheel.keep_failures=true",
+            "--set", f"flywheel.iterations={iterations}", "--set", "flywheel.keep_failures=true",
             *(x for kv in ("offline.successes=1", "collect.episodes_per_task=1", "residual.eval_episodes=1",
                            "residual.final_eval_episodes=1", "evaluate.episodes=1", "demo.episodes_per_task=2",
                            "residual.env_steps=200", "calql.steps=10", "sft.steps=10") for x in ("--set", kv)))
@@ -282,18 +283,19 @@ def test_dvc_repro_builds_every_iteration_then_nothing_then_dependents_only(tmp_
     per_task = ("collect_offline", "pretrain_critic", "train_residual", "collect_pld")
     per_iteration = ("convert_dataset", "augment_quantiles", "sft", "evaluate")
     assert ran(out) == {"demos", "base_v0_dataset_raw", "base_v0_dataset", "base_v0", "evaluate_v0",
-                        *(f"{s}_it{k}@0" for s in per_task for k in range(2)),
-                        *(f"{s}_it{k}" for s in per_iteration for k in range(2))}, out[-2000:]
+                        *(f"{s}_it{k}@0" for s in per_task for k in range(iterations)),
+                        *(f"{s}_it{k}" for s in per_iteration for k in range(iterations))}, out[-2000:]
     data = proj / "data"
-    sft_in = json.loads((data / "iter_1" / "base_next" / "manifest.json").read_text())["inputs"]
-    parent = json.loads((data / "iter_0" / "base_next" / "manifest.json").read_text())["output_digest"]
-    assert parent in json.dumps(sft_in), sft_in
-    assert all((data / f"iter_{k}" / "eval" / "eval.json").is_file() for k in (0, 1))
+    for k in range(1, iterations):
+        sft_in = json.loads((data / f"iter_{k}" / "base_next" / "manifest.json").read_text())["inputs"]
+        parent = json.loads((data / f"iter_{k - 1}" / "base_next" / "manifest.json").read_text())["output_digest"]
+        assert parent in json.dumps(sft_in), (k, sft_in)
+    assert all((data / f"iter_{k}" / "eval" / "eval.json").is_file() for k in range(iterations))
     assert "Running stage" not in run("repro")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["evaluate"]["episodes"] = 2
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(run("repro")) == {"evaluate_v0", "evaluate_it0", "evaluate_it1"}
+    assert ran(run("repro")) == {"evaluate_v0", *(f"evaluate_it{k}" for k in range(iterations))}
 
 
 def test_a_rebuilt_base_gets_a_new_registry_version_and_lineage_reads_it(tmp_path):
